@@ -1,0 +1,3 @@
+from diffplat.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,235 @@
+"""Typed job configs: YAML -> pydantic model -> the function that runs each stage.
+
+A job file names the stages it runs (`prepare`, `train`, `generate`, `filter`); each present
+section runs, in that order. Relative paths are relative to the job's work folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    # A misspelt option is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Resolution = tuple[int, int]  # (width, height), as image tools say it: 1280 720
+
+
+def _check_resolution(value: Resolution) -> Resolution:
+    width, height = value
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"resolution must be two positive multiples of 8 (width height), got {width} {height}")
+    return value
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "diffplat"
+    # None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the work folder.
+    uri: str | None = None
+
+
+class RayConfig(_Strict):
+    # None starts a Ray inside this process; "auto" joins the cluster this job was submitted to.
+    address: str | None = None
+    num_cpus: int | None = None
+    dashboard: bool = False
+
+
+class BddSource(_Strict):
+    images: str
+    labels: list[str] = Field(default_factory=list, description="BDD label JSON files (2018 or det_20 format)")
+    seg_masks: str | None = Field(None, description="folder of semantic masks, train ids 0-18, 255 = ignore")
+
+
+class PrepareConfig(_Strict):
+    source: Literal["bdd"] = "bdd"
+    bdd: BddSource
+    output: str = "data"
+    rows_per_shard: int = Field(256, gt=0)
+    caption_prefix: str = ""
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+class ScalingSettings(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Where Ray Train keeps checkpoints: a local folder, or shared storage (s3://, NFS) on a cluster.
+    storage_path: str = "ray_results"
+
+
+class DeepSpeedSettings(_Strict):
+    zero_stage: Literal[0, 1, 2] = 2
+    offload_optimizer: bool = False
+
+
+class TrainConfig(_Strict):
+    kind: Literal["lora"] = "lora"
+    base_model: str = Field(description="hub id or local folder of an SDXL pipeline")
+    vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
+    variant: str | None = None
+    data: str = Field(description="folder of Parquet shards written by `prepare`")
+    output: str = "adapters/lora"
+    resolution: Resolution = (1024, 1024)
+    center_crop: bool = True
+    random_flip: bool = False
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    use_8bit_adam: bool = False
+    max_train_steps: int = Field(gt=0)
+    train_batch_size: int = Field(1, gt=0, description="per worker")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    max_grad_norm: float = 1.0
+    noise_offset: float = 0.0
+    checkpointing_steps: int | None = Field(None, gt=0)
+    checkpoints_total_limit: int | None = Field(None, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    scaling: ScalingSettings = ScalingSettings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: Resolution) -> Resolution:
+        return _check_resolution(value)
+
+
+class GenerateConfig(_Strict):
+    base_model: str
+    lora: str | None = None
+    vae: str | None = None
+    variant: str | None = None
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: str | None = Field(None, description="one prompt per line")
+    negative_prompt: str = ""
+    adapter_scale: float = 1.0
+    resolution: Resolution = (1024, 1024)
+    num_generations: int = Field(1, gt=0, description="images per prompt")
+    guidance_scale: float = 5.0
+    num_inference_steps: int = Field(30, gt=0)
+    scheduler: Literal["default", "euler", "euler_a", "ddim", "ddpm", "dpm++"] = "default"
+    seed: int = 0
+    batch_size: int = Field(1, gt=0)
+    replicas: int = Field(1, gt=0, description="pipeline copies on Ray Data; one per GPU on a cluster")
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output: str = "generations"
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: Resolution) -> Resolution:
+        return _check_resolution(value)
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> "GenerateConfig":
+        if not self.prompts and not self.prompts_file:
+            raise ValueError("give `prompts` or `prompts_file`")
+        return self
+
+
+class FilterRules(_Strict):
+    min_confidence: float = Field(0.25, ge=0, le=1, description="detections below this do not count")
+    required_classes: list[str] = Field(default_factory=list, description="every one must be detected")
+    min_count: int = Field(0, ge=0, description="at least this many counted detections")
+
+
+class FilterConfig(_Strict):
+    images: str = "generations"
+    # A .pt/.safetensors-free YOLO file, or a model yaml that ships in ultralytics (random weights).
+    model: str = "yolov8n.yaml"
+    imgsz: int = Field(640, gt=0)
+    iou: float = Field(0.7, gt=0, le=1)
+    device: str = "cpu"
+    rules: FilterRules = FilterRules()
+    save_annotated: bool = True
+
+
+class JobConfig(_Strict):
+    name: str
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    prepare: PrepareConfig | None = None
+    train: TrainConfig | None = None
+    generate: GenerateConfig | None = None
+    filter: FilterConfig | None = None
+
+    @model_validator(mode="after")
+    def _has_a_stage(self) -> "JobConfig":
+        if not self.stages():
+            raise ValueError("a job needs at least one of: " + ", ".join(STAGES))
+        return self
+
+    def stages(self) -> list[str]:
+        return [name for name in STAGES if getattr(self, name) is not None]
+
+
+STAGES = ("prepare", "train", "generate", "filter")
+
+
+def parse_config(data: dict, source: str = "<config>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            problems.append(f"  {field}: {e['msg']}")
+        raise ConfigError(f"{source}: invalid job config\n" + "\n".join(problems)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML; `overrides` are `dotted.key=value` strings (value parsed as YAML)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item, path)
+    return parse_config(data, str(path))
+
+
+def _apply_override(data: dict, item: str, source: Path) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{source}: override {item!r} is not of the form dotted.key=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def to_yaml(config: JobConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,186 @@
+"""BDD100K: label JSON and segmentation masks -> one caption per image.
+
+Facts of the data this encodes:
+- the 2018 label files name classes `person`, `bike`, `motor`; the 2020 `det_20` files name them
+  `pedestrian`, `bicycle`, `motorcycle`: both map onto one set of 10 detection classes;
+- semantic masks hold train ids 0-18 (255 = ignore) and belong to the 10K set, which is not a
+  subset of the 100K set, so an image may have a mask and no detection labels: its caption then
+  comes from what the mask shows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DETECTION_CLASSES = (
+    "pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "traffic light", "traffic sign",
+)  # fmt: skip
+
+# 2018 names -> the det_20 names above.
+_CATEGORY_ALIASES = {"person": "pedestrian", "bike": "bicycle", "motor": "motorcycle"}
+# Categories in the 2018 files that are not objects to count.
+_NOT_OBJECTS = {"drivable area", "lane", "area/drivable", "area/alternative", "area/unknown"}
+
+# Train ids 0-18 of BDD100K / Cityscapes semantic segmentation.
+SEG_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+SEG_IGNORE = 255
+# The Cityscapes palette, which BDD's colour masks use: the ControlNet conditioning image.
+SEG_PALETTE = np.array(
+    [
+        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+        (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+        (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+    ],  # fmt: skip
+    dtype=np.uint8,
+)
+
+_PLURALS = {"pedestrian": "pedestrians", "bus": "buses", "traffic light": "traffic lights"}
+
+
+class LabelError(ValueError):
+    """One label record that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class FrameLabels:
+    name: str  # the image file name, e.g. "b1c66a42-6f7d68ca.jpg"
+    weather: str | None = None
+    scene: str | None = None
+    timeofday: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # detection class -> count
+    boxes: tuple[tuple[str, float, float, float, float], ...] = ()  # (class, x1, y1, x2, y2)
+    unknown_categories: tuple[str, ...] = ()
+
+
+def _attr(value) -> str | None:
+    return None if value in (None, "", "undefined") else str(value)
+
+
+def parse_frame(record: dict, where: str = "") -> FrameLabels:
+    """One image's record, in either the 2018 or the det_20 format."""
+    if not isinstance(record, dict):
+        raise LabelError(f"{where}: a label record must be an object, got {type(record).__name__}")
+    name = record.get("name")
+    if not isinstance(name, str) or not name:
+        raise LabelError(f"{where}: label record has no `name`")
+    attributes = record.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise LabelError(f"{name}: `attributes` must be an object")
+    objects = record.get("labels") or []
+    if not isinstance(objects, list):
+        raise LabelError(f"{name}: `labels` must be a list")
+    counts: dict[str, int] = {}
+    boxes = []
+    unknown = []
+    for obj in objects:
+        category = obj.get("category") if isinstance(obj, dict) else None
+        if not isinstance(category, str):
+            raise LabelError(f"{name}: an object has no `category`")
+        category = _CATEGORY_ALIASES.get(category, category)
+        if category in _NOT_OBJECTS:
+            continue
+        if category not in DETECTION_CLASSES:
+            unknown.append(category)
+            continue
+        counts[category] = counts.get(category, 0) + 1
+        box = obj.get("box2d")
+        if isinstance(box, dict) and all(k in box for k in ("x1", "y1", "x2", "y2")):
+            boxes.append((category, float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])))
+    return FrameLabels(
+        name=name,
+        weather=_attr(attributes.get("weather")),
+        scene=_attr(attributes.get("scene")),
+        timeofday=_attr(attributes.get("timeofday")),
+        counts=counts,
+        boxes=tuple(boxes),
+        unknown_categories=tuple(unknown),
+    )
+
+
+def load_label_file(path: Path) -> tuple[dict[str, FrameLabels], list[str]]:
+    """All usable frames of one label JSON, and a message for each record skipped."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LabelError(f"{path}: cannot read label JSON: {err}") from None
+    if isinstance(records, dict) and "frames" in records:  # Scalabel export wrapping
+        records = records["frames"]
+    if not isinstance(records, list):
+        raise LabelError(f"{path}: expected a list of label records, got {type(records).__name__}")
+    frames, skipped = {}, []
+    for i, record in enumerate(records):
+        try:
+            frame = parse_frame(record, where=f"{path.name}[{i}]")
+        except LabelError as err:
+            skipped.append(str(err))
+            continue
+        frames[frame.name] = frame
+    return frames, skipped
+
+
+def _count_phrase(cls: str, n: int) -> str:
+    return f"{n} {cls}" if n == 1 else f"{n} {_PLURALS.get(cls, cls + 's')}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption_from_labels(frame: FrameLabels, prefix: str = "") -> str:
+    """e.g. "a driving scene on a city street, daytime, clear weather, with 3 cars and 1 pedestrian"."""
+    scene = f"a driving scene on a {frame.scene}" if frame.scene else "a driving scene"
+    parts = [scene]
+    if frame.timeofday:
+        parts.append(frame.timeofday)
+    if frame.weather:
+        parts.append(f"{frame.weather} weather")
+    objects = [_count_phrase(c, frame.counts[c]) for c in DETECTION_CLASSES if frame.counts.get(c)]
+    text = ", ".join(parts)
+    if objects:
+        text += ", with " + _join(objects)
+    return (prefix + " " + text).strip() if prefix else text
+
+
+def mask_classes(mask: np.ndarray, min_fraction: float = 0.01) -> list[str]:
+    """Classes covering at least `min_fraction` of the labelled pixels, largest first."""
+    valid = mask[mask != SEG_IGNORE]
+    if valid.size == 0:
+        return []
+    ids, counts = np.unique(valid, return_counts=True)
+    ids_counts = [(int(i), int(c)) for i, c in zip(ids, counts) if i < len(SEG_CLASSES)]
+    ids_counts.sort(key=lambda ic: -ic[1])
+    return [SEG_CLASSES[i] for i, c in ids_counts if c / valid.size >= min_fraction]
+
+
+def caption_from_mask(mask: np.ndarray, prefix: str = "") -> str:
+    """For an image with a mask and no detection labels: what the mask shows."""
+    classes = mask_classes(mask)
+    text = "a driving scene" + (" showing " + _join(classes) if classes else "")
+    return (prefix + " " + text).strip() if prefix else text
+
+
+def colorize_mask(mask: np.ndarray) -> np.ndarray:
+    """Train-id mask (H, W) -> the palette image (H, W, 3); ignore pixels are black."""
+    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    valid = mask < len(SEG_PALETTE)
+    out[valid] = SEG_PALETTE[mask[valid]]
+    return out
+
+
+def find_mask(folder: Path | None, image_name: str) -> Path | None:
+    """BDD names masks `<stem>_train_id.png` (10K release) or `<stem>.png` (sem_seg masks)."""
+    if folder is None:
+        return None
+    stem = Path(image_name).stem
+    for candidate in (folder / f"{stem}_train_id.png", folder / f"{stem}.png"):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,0 +1,128 @@
+"""The `prepare` stage: a source dataset -> Parquet shards, index files and a report.
+
+Bad items are skipped and counted, each with a message naming it; the stage fails only when
+nothing usable is left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffplat.config import PrepareConfig
+from diffplat.data import bdd
+from diffplat.data.shards import write_shards
+from diffplat.fileio import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("diffplat")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+class NothingUsable(RuntimeError):
+    pass
+
+
+def _check_image(path: Path) -> tuple[bytes, int, int]:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # verify() misses truncated data; a full decode does not
+        return data, img.width, img.height
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare_bdd(config: PrepareConfig, resolve) -> dict:
+    """BDD images + labels + masks -> shards. `resolve` turns config paths into real paths."""
+    src = config.bdd
+    images_dir = resolve(src.images)
+    masks_dir = resolve(src.seg_masks) if src.seg_masks else None
+    out = resolve(config.output)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"prepare.bdd.images: {images_dir} is not a folder")
+
+    frames: dict[str, bdd.FrameLabels] = {}
+    skipped: list[str] = []
+    for label_file in src.labels:
+        found, bad = bdd.load_label_file(resolve(label_file))
+        frames.update(found)
+        skipped.extend(bad)
+    unknown = Counter(c for f in frames.values() for c in f.unknown_categories)
+
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    reasons: Counter[str] = Counter({"bad label record": len(skipped)} if skipped else {})
+    sources: Counter[str] = Counter()
+    lora_index, controlnet_index = [], []
+
+    def rows():
+        for n, path in enumerate(images, 1):
+            if n % 500 == 0:
+                log.info("prepare: %d/%d images", n, len(images))
+            try:
+                data, width, height = _check_image(path)
+            except (OSError, UnidentifiedImageError) as err:
+                skipped.append(f"{path.name}: corrupt image ({err})")
+                reasons["corrupt image"] += 1
+                continue
+            frame = frames.get(path.name)
+            mask_path = bdd.find_mask(masks_dir, path.name)
+            mask = np.asarray(Image.open(mask_path)) if mask_path else None
+            if mask is not None and mask.shape[:2] != (height, width):
+                skipped.append(f"{mask_path.name}: mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
+                reasons["mask size differs from image"] += 1
+                mask = None
+            if frame is not None:
+                caption, source = bdd.caption_from_labels(frame, config.caption_prefix), "bdd:labels"
+            elif mask is not None:
+                caption, source = bdd.caption_from_mask(mask, config.caption_prefix), "bdd:mask"
+            else:
+                skipped.append(f"{path.name}: no label record and no mask, so no caption")
+                reasons["no caption source"] += 1
+                continue
+            conditioning = _png_bytes(bdd.colorize_mask(mask)) if mask is not None else None
+            sources[source] += 1
+            lora_index.append({"image": str(path), "caption": caption})
+            if mask_path is not None and conditioning is not None:
+                controlnet_index.append({"image": str(path), "conditioning": str(mask_path), "caption": caption})
+            yield {
+                "id": path.stem,
+                "image": data,
+                "caption": caption,
+                "conditioning": conditioning,
+                "width": width,
+                "height": height,
+                "source": source,
+            }
+
+    shards = write_shards(rows(), out / "shards", config.rows_per_shard)
+    total = sum(sources.values())
+    report = {
+        "source": "bdd",
+        "images_found": len(images),
+        "rows_written": total,
+        "rows_by_caption_source": dict(sources),
+        "with_conditioning": len(controlnet_index),
+        "skipped": dict(reasons),
+        "skipped_items": skipped[:1000],
+        "unknown_categories": dict(unknown),
+        "shards": [p.name for p in shards],
+    }
+    write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in lora_index))
+    write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in controlnet_index))
+    write_json_atomic(out / "prepare_report.json", report)
+    for message in skipped[:20]:
+        log.warning("prepare: skipped %s", message)
+    if total == 0:
+        raise NothingUsable(f"prepare: no usable rows out of {len(images)} images in {images_dir}; see {out}/prepare_report.json")
+    log.info("prepare: %d rows in %d shards, %d skipped", total, len(shards), sum(reasons.values()))
+    return report

@@ -1,0 +1,93 @@
+"""Load SDXL parts the way a real SDXL loads: a hub id or a local diffusers folder.
+
+A local folder loads with `local_files_only=True`; weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"no": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def _source_kwargs(model: str, variant: str | None = None) -> dict:
+    local = os.path.isdir(model)
+    kwargs = {"use_safetensors": True, "local_files_only": local or os.environ.get("HF_HUB_OFFLINE") == "1"}
+    if variant:
+        kwargs["variant"] = variant
+    return kwargs
+
+
+@dataclass
+class SDXLParts:
+    """What a training step needs; the text encoders and VAE stay frozen."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def load_vae(base_model: str, vae: str | None, variant: str | None = None):
+    from diffusers import AutoencoderKL
+
+    if vae:  # a standalone VAE folder or hub id, e.g. an fp16-safe SDXL VAE
+        return AutoencoderKL.from_pretrained(vae, **_source_kwargs(vae))
+    return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **_source_kwargs(base_model, variant))
+
+
+def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None = None) -> SDXLParts:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = _source_kwargs(base_model, variant)
+    tok_kw = {"local_files_only": kw["local_files_only"]}
+    return SDXLParts(
+        tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **tok_kw),
+        tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **tok_kw),
+        text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
+        vae=load_vae(base_model, vae, variant),
+        unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
+        # Training adds noise with DDPM's schedule, from the base model's own scheduler config.
+        noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **tok_kw),
+    )
+
+
+def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32):
+    from diffusers import StableDiffusionXLPipeline
+
+    extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
+    return StableDiffusionXLPipeline.from_pretrained(
+        base_model, torch_dtype=dtype, **_source_kwargs(base_model, variant), **extra
+    )
+
+
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule."""
+    if name == "default":
+        return
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def is_local(model: str | Path) -> bool:
+    return Path(model).is_dir()

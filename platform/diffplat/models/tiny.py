@@ -1,0 +1,177 @@
+"""Tiny, randomly initialised SDXL pipelines, written in the diffusers folder layout.
+
+Real architectures at toy sizes: a UNet with SDXL's text-time conditioning, a 4-block VAE that
+shrinks 8x like the real one, two CLIP text encoders (the second with a projection), two
+tokenizers built from a byte-level vocabulary (no download), and SDXL's Euler scheduler. Stock
+`StableDiffusionXLPipeline.from_pretrained(folder)` loads the result, so every other module
+is tested on the same loading path a real SDXL takes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from diffplat.fileio import replace_dir
+
+TinyKind = Literal["sdxl", "sdxl-inpaint", "controlnet"]
+
+_TEXT_HIDDEN = 32  # each encoder; the UNet's cross_attention_dim is the two added
+_PROJECTION = 32
+_TIME_EMBED = 8  # SDXL's add_time_ids are 6 numbers, each embedded to this size
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's byte -> printable character map, as its byte-level BPE sees bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _byte_vocab() -> dict[str, int]:
+    """Every byte as a token, alone and word-final: any text tokenises with no unknowns."""
+    symbols = _byte_symbols()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for sym in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(sym, len(vocab))
+    return vocab
+
+
+def write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_byte_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    # model_max_length must be given: without it tokenising fails ("int too big to convert").
+    CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    ).save_pretrained(folder)
+
+
+def _text_encoders(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=3,  # SDXL reads the penultimate layer
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=_PROJECTION,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    return CLIPTextModel(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+
+
+def tiny_unet(in_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _PROJECTION,
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=128,
+        scaling_factor=0.13025,  # SDXL's
+    )
+
+
+def sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SDXL base's scheduler settings.
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
+    """The pipeline object (not saved); weights are random but reproducible from `seed`."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_encoder, text_encoder_2 = _text_encoders(len(tokenizer))
+    parts = dict(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=sdxl_scheduler(),
+    )
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(unet=tiny_unet(), **parts)
+    if kind == "sdxl-inpaint":
+        # 9 input channels: noisy latents + mask + masked-image latents, as SDXL inpainting.
+        return StableDiffusionXLInpaintPipeline(unet=tiny_unet(9), requires_aesthetics_score=False, **parts)
+    if kind == "controlnet":
+        unet = tiny_unet()
+        # One conditioning channel entry per VAE downsampling block (4 here, as in SDXL).
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+        return StableDiffusionXLControlNetPipeline(unet=unet, controlnet=controlnet, **parts)
+    raise ValueError(f"unknown tiny model kind {kind!r}: use sdxl, sdxl-inpaint or controlnet")
+
+
+def write_tiny_model(out: str | Path, kind: TinyKind = "sdxl", seed: int = 0) -> Path:
+    """Save a tiny pipeline to `out` (safetensors, diffusers layout), replacing it atomically."""
+    out = Path(out)
+    pipe = build_tiny_pipeline(kind, seed)
+    with replace_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out

@@ -1,0 +1,143 @@
+"""Run a job: its stages in order, on one Ray, each in its own MLflow run, each timed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from diffplat import tracking
+from diffplat.config import JobConfig, RayConfig
+
+log = logging.getLogger("diffplat")
+
+
+@dataclass
+class Workdir:
+    """Relative paths in a job file are relative to its work folder."""
+
+    root: Path
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def model(self, value: str) -> str:
+        """A local folder if one is there, else the value as given (a hub id)."""
+        local = self.path(value)
+        return str(local) if local.exists() else value
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    tracking_uri: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, dict] = field(default_factory=dict)
+
+
+@contextmanager
+def ray_session(config: RayConfig) -> Iterator[None]:
+    """Join the configured cluster, or start a local Ray for this process and stop it after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = {"address": config.address} if config.address else {
+        "num_cpus": config.num_cpus,
+        "include_dashboard": config.dashboard,
+        "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
+    }  # fmt: skip
+    ray.init(**kwargs, log_to_driver=True, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run_stage(name: str, config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.tracking import log_artifacts, log_metrics
+
+    if name == "prepare":
+        from diffplat.data.prepare import prepare_bdd
+
+        report = prepare_bdd(config.prepare, work.path)
+        log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(report["skipped"].values())})
+        log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
+        return report
+    if name == "train":
+        from diffplat.train.trainer import run_training
+
+        c = config.train
+        resolved = c.model_copy(update={
+            "base_model": work.model(c.base_model),
+            "vae": work.model(c.vae) if c.vae else None,
+            "data": str(work.path(c.data)),
+            "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
+        })  # fmt: skip
+        output = work.path(c.output)
+        metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train")
+        log_artifacts(output, "adapter")
+        return {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    if name == "generate":
+        from diffplat.infer.generate import run_generation
+
+        c = config.generate
+        resolved = c.model_copy(update={
+            "base_model": work.model(c.base_model),
+            "vae": work.model(c.vae) if c.vae else None,
+            "lora": str(work.path(c.lora)) if c.lora else None,
+        })  # fmt: skip
+        output = work.path(c.output)
+        result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None)
+        log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
+        log_artifacts(output / "metadata.jsonl")
+        _log_samples(output / "images")
+        return {"folder": str(output), **result}
+    if name == "filter":
+        from diffplat.filter.yolo import run_filter
+
+        c = config.filter
+        model = str(work.path(c.model)) if not c.model.endswith((".yaml", ".yml")) else c.model
+        folder = work.path(c.images)
+        report = run_filter(c, folder, model)
+        log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate")})
+        log_artifacts(folder / "filter_report.json")
+        _log_samples(folder / "annotated", "annotated")
+        return {k: v for k, v in report.items() if k != "per_image"}
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def _storage(value: str, work: Workdir) -> str:
+    return value if "://" in value else str(work.path(value))
+
+
+def _log_samples(folder: Path, artifact_path: str = "samples", limit: int = 8) -> None:
+    import mlflow
+
+    for path in sorted(folder.glob("*.png"))[:limit]:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
+    work = Workdir(Path(workdir).resolve())
+    work.root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = tracking.tracking_uri(config.tracking, work.root)
+    with ray_session(config.ray), tracking.job_run(config, work.root) as parent_id:
+        result = JobResult(run_id=parent_id, tracking_uri=uri)
+        for name in config.stages():
+            log.info("stage %s: starting", name)
+            start = time.perf_counter()
+            params = getattr(config, name).model_dump(mode="json", exclude_none=True)
+            with tracking.stage_run(name, params) as stage_id:
+                result.outputs[name] = _run_stage(name, config, work, stage_id, uri)
+                result.seconds[name] = time.perf_counter() - start
+                tracking.log_metrics({"stage_seconds": result.seconds[name]})
+            log.info("stage %s: done in %.1f s", name, result.seconds[name])
+    return result

@@ -1,0 +1,117 @@
+"""MLflow: one run per job, one nested run per stage; only rank 0 of a training job logs.
+
+The store is `$MLFLOW_TRACKING_URI` when set, else the job's `tracking.uri`, else a SQLite file
+in the work folder. For a local store, experiments get an explicit artifact folder next to it:
+without one, artifacts land in `./mlruns` of whatever process logs them (inside a Ray worker, a
+temporary session folder that is later deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from diffplat.config import JobConfig, TrackingConfig, to_yaml
+
+_PARAM_MAX = 6000  # MLflow's limit on one param value
+
+
+def tracking_uri(config: TrackingConfig, workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def _local_artifacts(uri: str, workdir: Path) -> str | None:
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return (workdir / "mlartifacts").resolve().as_uri()
+    return None  # a tracking server decides where artifacts go
+
+
+def flatten(obj, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lora": {"rank": 4}}} -> {"train.lora.rank": "4"}."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj)
+        out[prefix.rstrip(".")] = text[:_PARAM_MAX]
+    return out
+
+
+def _experiment_id(mlflow, name: str, artifact_location: str | None) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it first
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextmanager
+def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
+    """The job's parent run; params are the whole resolved config. Yields the run id."""
+    import mlflow
+
+    uri = tracking_uri(config.tracking, workdir)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(mlflow, config.tracking.experiment, _local_artifacts(uri, workdir))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run:
+        mlflow.set_tags({"diffplat.job": config.name, "diffplat.stages": ",".join(config.stages())})
+        mlflow.log_params(flatten(config.model_dump(mode="json", exclude_none=True)))
+        mlflow.log_text(to_yaml(config), "config.yaml")
+        yield run.info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, params: dict) -> Iterator[str]:
+    """A run nested in the current job run, for one stage."""
+    import mlflow
+
+    with mlflow.start_run(run_name=stage, nested=True) as run:
+        mlflow.set_tag("diffplat.stage", stage)
+        mlflow.log_params(flatten(params))
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifacts(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+class RankZeroLogger:
+    """Logs into an existing run from a training worker; a no-op on every rank but 0."""
+
+    def __init__(self, uri: str | None, run_id: str | None, rank: int):
+        self.enabled = rank == 0 and uri is not None and run_id is not None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+            self._run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self._run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

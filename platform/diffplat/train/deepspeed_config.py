@@ -1,0 +1,33 @@
+"""The DeepSpeed config, derived from the typed train config (never written by hand)."""
+
+from __future__ import annotations
+
+from diffplat.config import TrainConfig
+
+
+def deepspeed_config(config: TrainConfig, client_optimizer: bool = False) -> dict:
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": config.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_clipping": config.max_grad_norm,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": config.mixed_precision == "bf16"},
+        "fp16": {"enabled": config.mixed_precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # diffplat logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if config.deepspeed.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if not client_optimizer:
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": config.learning_rate,
+                "betas": [config.adam_beta1, config.adam_beta2],
+                "eps": config.adam_epsilon,
+                "weight_decay": config.weight_decay,
+                # torch's AdamW: DeepSpeed's fused Adam would compile a CUDA/C++ op on first use.
+                "torch_adam": True,
+            },
+        }
+    return ds

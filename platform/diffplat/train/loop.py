@@ -1,0 +1,141 @@
+"""The one training loop: runs inside each Ray Train worker, for every adapter kind.
+
+Data comes from the worker's Ray Data shard; DeepSpeed owns the optimizer, gradient
+accumulation, clipping, mixed precision and ZeRO. Rank 0 logs to MLflow and saves adapters;
+saved adapters go back to the driver as Ray Train checkpoints, so this works the same when the
+workers sit on other machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("diffplat")
+
+
+def _setup_accelerator() -> None:
+    import torch
+
+    # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu".
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _optimizer(config, params):
+    """8-bit AdamW where bitsandbytes and a GPU are there; otherwise DeepSpeed's own AdamW."""
+    if not config.use_8bit_adam:
+        return None
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        log.warning("use_8bit_adam: bitsandbytes is not installed; using AdamW")
+        return None
+    if not torch.cuda.is_available():
+        log.warning("use_8bit_adam: needs a GPU; using AdamW")
+        return None
+    return bnb.optim.AdamW8bit(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                               eps=config.adam_epsilon, weight_decay=config.weight_decay)  # fmt: skip
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    _setup_accelerator()
+    import deepspeed
+    import ray.train
+    import torch
+    from diffusers.optimization import get_scheduler
+    from ray.train import Checkpoint
+
+    from diffplat.config import TrainConfig
+    from diffplat.tracking import RankZeroLogger
+    from diffplat.train.deepspeed_config import deepspeed_config
+    from diffplat.train.objectives import OBJECTIVES
+
+    config = TrainConfig.model_validate(loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed + rank)
+    generator = torch.Generator(device=device).manual_seed(config.seed + rank)
+    logger = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
+
+    objective = OBJECTIVES[config.kind](config, device)
+    params = [p for p in objective.module.parameters() if p.requires_grad]
+    client_optimizer = _optimizer(config, params)
+
+    def lr_scheduler(optimizer):
+        return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=config.max_train_steps)  # fmt: skip
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective.module,
+        model_parameters=params,
+        optimizer=client_optimizer,
+        lr_scheduler=lr_scheduler,
+        config=deepspeed_config(config, client_optimizer=client_optimizer is not None),
+    )
+    trainable = sum(p.numel() for p in params)
+    if rank == 0:
+        log.info("train: %s, %d trainable parameters, %d workers, ZeRO %d, %s", config.kind, trainable, world,
+                 config.deepspeed.zero_stage, config.mixed_precision)  # fmt: skip
+
+    shard = ray.train.get_dataset_shard("train")
+    info = {"base_model": config.base_model, "rank": config.lora.rank, "alpha": config.lora.alpha,
+            "resolution": list(config.resolution), "workers": world}  # fmt: skip
+
+    def report(step: int, metrics: dict, save: bool) -> None:
+        # Every rank calls report (it is a barrier); only rank 0 attaches the adapter.
+        if save and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = objective.save(engine.module, Path(tmp) / "adapter", {**info, "step": step, **metrics})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+        else:
+            ray.train.report(metrics)
+
+    step, micro, losses, last_loss = 0, 0, [], float("nan")
+    window_start, window_images = time.perf_counter(), 0
+    engine.train()
+    while step < config.max_train_steps:
+        batches = 0
+        for batch in shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True):
+            batches += 1
+            step_start = time.perf_counter()
+            loss = objective.loss(engine, batch, generator)
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            last_loss = loss.item()
+            losses.append(last_loss)
+            window_images += len(batch["caption"]) * world
+            if micro % config.gradient_accumulation_steps:
+                continue
+            step += 1
+            if step % config.log_every == 0 or step == config.max_train_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "loss": sum(losses) / len(losses),
+                    "lr": engine.get_lr()[0],
+                    "images_per_s": window_images / elapsed,
+                    "step_time_s": time.perf_counter() - step_start,
+                }
+                logger.log_metrics(metrics, step)
+                if rank == 0:
+                    log.info("train: step %d/%d loss %.4f lr %.2e %.1f img/s", step, config.max_train_steps,
+                             metrics["loss"], metrics["lr"], metrics["images_per_s"])  # fmt: skip
+                losses, window_start, window_images = [], time.perf_counter(), 0
+            checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if checkpoint_now and step < config.max_train_steps:
+                report(step, {"step": step}, save=True)
+            if step >= config.max_train_steps:
+                break
+        if batches == 0:
+            raise RuntimeError(
+                f"train: worker {rank} got no batch of {config.train_batch_size} rows; "
+                "the dataset is smaller than train_batch_size x num_workers"
+            )
+    report(step, {"step": step, "final_loss": last_loss}, save=True)
