@@ -44,6 +44,7 @@ class JobResult:
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Join the configured cluster, or start a local Ray for this process and stop it after."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         yield
@@ -54,6 +55,9 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
     }  # fmt: skip
     ray.init(**kwargs, log_to_driver=True, logging_level=logging.WARNING)
+    # Ray Data's per-operator bars redraw many times a second and flood non-terminal logs;
+    # the stages log their own progress.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
     try:
         yield
     finally:

@@ -74,7 +74,10 @@ def stage_run(stage: str, params: dict) -> Iterator[str]:
     """A run nested in the current job run, for one stage."""
     import mlflow
 
-    with mlflow.start_run(run_name=stage, nested=True) as run:
+    parent = mlflow.active_run()
+    # Without experiment_id a nested run lands in the "Default" experiment, not its parent's.
+    experiment_id = parent.info.experiment_id if parent else None
+    with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id) as run:
         mlflow.set_tag("diffplat.stage", stage)
         mlflow.log_params(flatten(params))
         yield run.info.run_id

@@ -71,10 +71,8 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
 
     files = [str(p) for p in shard_files(shards)] if "://" not in shards else shards
     ds = ray.data.read_parquet(files, columns=["id", "image", "caption"])
+    # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
+    # machine the reader then waits forever for the CPU the training workers left over.
     return ds.map_batches(
-        ToTrainingArrays,
-        fn_constructor_args=(resolution, center_crop, random_flip, seed),
-        batch_size=16,
-        batch_format="numpy",
-        concurrency=1,
+        ToTrainingArrays(resolution, center_crop, random_flip, seed), batch_size=16, batch_format="numpy"
     )

@@ -45,6 +45,11 @@ def _optimizer(config, params):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     _setup_accelerator()
+    if not log.handlers:  # a fresh worker process; Ray forwards its stderr to the driver
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[diffplat] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     import deepspeed
     import ray.train
     import torch
