@@ -60,13 +60,22 @@ def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
     import mlflow
 
     uri = tracking_uri(config.tracking, workdir)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; put the user's value back afterwards so
+    # that the next job in this process resolves its own store.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, config.tracking.experiment, _local_artifacts(uri, workdir))
-    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run:
-        mlflow.set_tags({"diffplat.job": config.name, "diffplat.stages": ",".join(config.stages())})
-        mlflow.log_params(flatten(config.model_dump(mode="json", exclude_none=True)))
-        mlflow.log_text(to_yaml(config), "config.yaml")
-        yield run.info.run_id
+    try:
+        experiment_id = _experiment_id(mlflow, config.tracking.experiment, _local_artifacts(uri, workdir))
+        with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run:
+            mlflow.set_tags({"diffplat.job": config.name, "diffplat.stages": ",".join(config.stages())})
+            mlflow.log_params(flatten(config.model_dump(mode="json", exclude_none=True)))
+            mlflow.log_text(to_yaml(config), "config.yaml")
+            yield run.info.run_id
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @contextmanager

@@ -1,0 +1,60 @@
+"""Shared fixtures: offline settings, a tiny SDXL, synthetic BDD data, one local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Nothing is fetched at run time; set before anything imports huggingface_hub or ultralytics.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".cache" / "ultralytics"))
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    """The network is off as far as the code under test can tell: only this machine answers."""
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        if not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("::ffff:127.")):
+            raise OSError(f"test tried to reach {host}: nothing may be downloaded at run time")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from diffplat.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def bdd_dir(tmp_path_factory) -> Path:
+    from diffplat.data.synthetic_bdd import write_synthetic_bdd
+
+    out = tmp_path_factory.mktemp("bdd")
+    write_synthetic_bdd(out, num_images=12)
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the in-process tests (a job's run reuses it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()

@@ -1,0 +1,21 @@
+"""Small builders shared by tests (not fixtures: they take arguments)."""
+
+from pathlib import Path
+
+import torch
+
+
+def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, seed: int = 0) -> Path:
+    """A LoRA with random (non-zero) weights on the tiny UNet, saved the way training saves it."""
+    from diffusers import UNet2DConditionModel
+
+    from diffplat.config import LoraSettings
+    from diffplat.models.lora import add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", local_files_only=True)
+    config = add_lora(unet, LoraSettings(rank=rank, alpha=alpha))
+    torch.manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    return save_lora(unet, config, folder, {"made_by": "tests"})

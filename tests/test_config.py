@@ -1,0 +1,66 @@
+"""Every shipped job file parses; bad files fail with the field named."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffplat.config import ConfigError, load_config, parse_config
+from diffplat.demo import demo_config_path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(REPO.glob("jobs/*.yaml")) + [demo_config_path()]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_job_parses(path):
+    config = load_config(path)
+    assert config.stages(), path
+
+
+def test_jobs_folder_is_not_empty():
+    assert list(REPO.glob("jobs/*.yaml"))
+
+
+def _minimal(**train):
+    return {"name": "t", "train": {"base_model": "m", "data": "d", "max_train_steps": 1, **train}}
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_minimal(lora={"rank": 4, "alfa": 4}), "job.yaml")
+    assert "job.yaml" in str(err.value) and "train.lora.alfa" in str(err.value)
+
+
+def test_bad_resolution_is_named():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_minimal(resolution=[1280, 721]))
+    assert "train.resolution" in str(err.value) and "multiples of 8" in str(err.value)
+
+
+def test_a_job_needs_a_stage():
+    with pytest.raises(ConfigError, match="at least one of"):
+        parse_config({"name": "empty"})
+
+
+def test_resolution_is_width_then_height():
+    config = parse_config(_minimal(resolution=[1280, 720]))
+    assert config.train.resolution == (1280, 720)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\ntrain: {base_model: m, data: d, max_train_steps: 5}\n")
+    config = load_config(path, ["train.max_train_steps=7", "train.lora.rank=2"])
+    assert config.train.max_train_steps == 7 and config.train.lora.rank == 2
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(path, ["nonsense"])
+
+
+def test_cli_check_reports_bad_file_with_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: t\ngenerate: {base_model: m, prompts: [a], num_generations: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "generate.num_generations" in proc.stderr
