@@ -70,7 +70,7 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     from diffplat.data.shards import shard_files
 
     files = [str(p) for p in shard_files(shards)] if "://" not in shards else shards
-    ds = ray.data.read_parquet(files, columns=["id", "image", "caption"])
+    ds = ray.data.read_parquet(files).select_columns(["id", "image", "caption"])
     # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
     # machine the reader then waits forever for the CPU the training workers left over.
     return ds.map_batches(

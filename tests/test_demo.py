@@ -1,0 +1,79 @@
+"""`diffplat demo` end to end, then its LoRA in stock diffusers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "demo", "--output", str(out)],
+                          capture_output=True, text=True, timeout=840, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_every_stage(demo):
+    out, stdout = demo
+    assert (out / "base-model" / "model_index.json").is_file()
+    assert list((out / "data" / "shards").glob("shard-*.parquet"))
+    assert (out / "adapters" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    gens = out / "generations"
+    images = sorted((gens / "images").glob("*.png"))
+    assert len(images) == 6
+    assert len((gens / "metadata.jsonl").read_text().splitlines()) == 6
+    assert len(list((gens / "labels").glob("*.txt"))) == 6
+    report = json.loads((gens / "filter_report.json").read_text())
+    assert report["images"] == 6
+    prep = json.loads((out / "data" / "prepare_report.json").read_text())
+    assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
+    for stage in ("setup", "prepare", "train", "generate", "filter", "total"):
+        assert stage in stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in stdout and "--host 127.0.0.1" in stdout
+
+
+def test_demo_records_one_run_per_stage(demo):
+    import mlflow
+
+    out, _ = demo
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("diffplat-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"demo", "prepare", "train", "generate", "filter"}
+    parent = by_name["demo"].info.run_id
+    assert all(by_name[s].data.tags["mlflow.parentRunId"] == parent for s in ("prepare", "train", "generate", "filter"))
+    assert by_name["demo"].data.params["train.lora.rank"] == "8"
+    loss = client.get_metric_history(by_name["train"].info.run_id, "loss")
+    assert [m.step for m in loss] == [5, 10, 15, 20, 25, 30]
+    assert by_name["generate"].data.metrics["images"] == 6
+    assert "samples" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
+
+
+def test_demo_lora_in_stock_diffusers(demo):
+    """Loads with load_lora_weights, changes the image, and at scale 0 gives the base image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out, _ = demo
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "base-model", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(**kwargs):
+        result = pipe("a driving scene on a highway, night", width=128, height=64, num_inference_steps=4,
+                      generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+        return result.images[0]
+
+    base = image()
+    pipe.load_lora_weights(out / "adapters" / "lora")
+    with_lora = image()
+    at_zero = image(cross_attention_kwargs={"scale": 0.0})
+    assert np.abs(with_lora - base).max() > 1e-3
+    assert np.array_equal(at_zero, base)
