@@ -64,3 +64,16 @@ def test_cli_check_reports_bad_file_with_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffplat", "check", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "generate.num_generations" in proc.stderr
+
+
+def test_cluster_yaml_is_a_valid_ray_launcher_config_with_safe_defaults():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
+    assert all("RAY_AUTH_MODE=token" in c for c in raw["worker_start_ray_commands"] if "ray start" in c)
+    gpu_groups = [t for t in raw["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_groups and all(t["min_workers"] == 0 < t["max_workers"] for t in gpu_groups)  # autoscaled
