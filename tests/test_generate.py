@@ -63,3 +63,17 @@ def test_matches_stock_diffusers_with_the_same_settings(generated, tiny_sdxl):
     assert np.abs(ours - np.asarray(image, dtype=np.int16)).max() <= 2
     other = np.asarray(Image.open(work / "generations" / "images" / "000001.png"), dtype=np.int16)
     assert np.abs(ours - other).max() > 10  # another seed is another image
+
+
+def test_prompts_come_from_list_and_file_and_missing_file_is_named(tmp_path):
+    from diffplat.config import GenerateConfig
+    from diffplat.infer.generate import generation_requests, read_prompts
+
+    (tmp_path / "p.txt").write_text("one\n# skipped\n\ntwo\n")
+    config = GenerateConfig(base_model="m", prompts=["zero"], prompts_file="p.txt", num_generations=2, seed=5)
+    prompts = read_prompts(config, tmp_path / "p.txt")
+    assert prompts == ["zero", "one", "two"]
+    rows = generation_requests(config, prompts)
+    assert [(r["index"], r["prompt"], r["seed"]) for r in rows[:3]] == [(0, "zero", 5), (1, "zero", 6), (2, "one", 7)]
+    with pytest.raises(FileNotFoundError, match="generate.prompts_file: .*nope.txt is not a file"):
+        read_prompts(config, tmp_path / "nope.txt")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from diffplat import tracking
-from diffplat.config import JobConfig, RayConfig
+from diffplat.config import STAGES, JobConfig, RayConfig
 
 log = logging.getLogger("diffplat")
 
@@ -64,57 +64,64 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def _run_stage(name: str, config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
-    from diffplat.tracking import log_artifacts, log_metrics
+def _prepare(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.data.prepare import prepare_bdd
 
-    if name == "prepare":
-        from diffplat.data.prepare import prepare_bdd
+    report = prepare_bdd(config.prepare, work.path)
+    tracking.log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(report["skipped"].values())})
+    tracking.log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
+    return report
 
-        report = prepare_bdd(config.prepare, work.path)
-        log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(report["skipped"].values())})
-        log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
-        return report
-    if name == "train":
-        from diffplat.train.trainer import run_training
 
-        c = config.train
-        resolved = c.model_copy(update={
-            "base_model": work.model(c.base_model),
-            "vae": work.model(c.vae) if c.vae else None,
-            "data": str(work.path(c.data)),
-            "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
-        })  # fmt: skip
-        output = work.path(c.output)
-        metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train")
-        log_artifacts(output, "adapter")
-        return {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    if name == "generate":
-        from diffplat.infer.generate import run_generation
+def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.train.trainer import run_training
 
-        c = config.generate
-        resolved = c.model_copy(update={
-            "base_model": work.model(c.base_model),
-            "vae": work.model(c.vae) if c.vae else None,
-            "lora": str(work.path(c.lora)) if c.lora else None,
-        })  # fmt: skip
-        output = work.path(c.output)
-        result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None)
-        log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
-        log_artifacts(output / "metadata.jsonl")
-        _log_samples(output / "images")
-        return {"folder": str(output), **result}
-    if name == "filter":
-        from diffplat.filter.yolo import run_filter
+    c = config.train
+    resolved = c.model_copy(update={
+        "base_model": work.model(c.base_model),
+        "vae": work.model(c.vae) if c.vae else None,
+        "data": str(work.path(c.data)),
+        "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
+    })  # fmt: skip
+    output = work.path(c.output)
+    metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train")
+    tracking.log_artifacts(output, "adapter")
+    return {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
-        c = config.filter
-        model = str(work.path(c.model)) if not c.model.endswith((".yaml", ".yml")) else c.model
-        folder = work.path(c.images)
-        report = run_filter(c, folder, model)
-        log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate")})
-        log_artifacts(folder / "filter_report.json")
-        _log_samples(folder / "annotated", "annotated")
-        return {k: v for k, v in report.items() if k != "per_image"}
-    raise ValueError(f"unknown stage {name!r}")
+
+def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.infer.generate import run_generation
+
+    c = config.generate
+    resolved = c.model_copy(update={
+        "base_model": work.model(c.base_model),
+        "vae": work.model(c.vae) if c.vae else None,
+        "lora": str(work.path(c.lora)) if c.lora else None,
+    })  # fmt: skip
+    output = work.path(c.output)
+    result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None)
+    tracking.log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
+    tracking.log_artifacts(output / "metadata.jsonl")
+    _log_samples(output / "images")
+    return {"folder": str(output), **result}
+
+
+def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.filter.yolo import run_filter
+
+    c = config.filter
+    # a model yaml names a file inside ultralytics; anything else is a weights file of the user's
+    model = c.model if c.model.endswith((".yaml", ".yml")) else str(work.path(c.model))
+    folder = work.path(c.images)
+    report = run_filter(c, folder, model)
+    tracking.log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate")})
+    tracking.log_artifacts(folder / "filter_report.json")
+    _log_samples(folder / "annotated", "annotated")
+    return {k: v for k, v in report.items() if k != "per_image"}
+
+
+STAGE_RUNNERS = {"prepare": _prepare, "train": _train, "generate": _generate, "filter": _filter}
+assert tuple(STAGE_RUNNERS) == STAGES
 
 
 def _storage(value: str, work: Workdir) -> str:
@@ -140,7 +147,7 @@ def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
             start = time.perf_counter()
             params = getattr(config, name).model_dump(mode="json", exclude_none=True)
             with tracking.stage_run(name, params) as stage_id:
-                result.outputs[name] = _run_stage(name, config, work, stage_id, uri)
+                result.outputs[name] = STAGE_RUNNERS[name](config, work, stage_id, uri)
                 result.seconds[name] = time.perf_counter() - start
                 tracking.log_metrics({"stage_seconds": result.seconds[name]})
             log.info("stage %s: done in %.1f s", name, result.seconds[name])

@@ -21,6 +21,8 @@ log = logging.getLogger("diffplat")
 def read_prompts(config: GenerateConfig, prompts_file: Path | None) -> list[str]:
     prompts = list(config.prompts)
     if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise FileNotFoundError(f"generate.prompts_file: {prompts_file} is not a file")
         lines = [line.strip() for line in prompts_file.read_text().splitlines()]
         prompts += [line for line in lines if line and not line.startswith("#")]
     if not prompts:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -87,7 +86,3 @@ def set_scheduler(pipe, name: str) -> None:
     import diffusers
 
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-
-
-def is_local(model: str | Path) -> bool:
-    return Path(model).is_dir()
