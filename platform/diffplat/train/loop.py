@@ -50,6 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         handler.setFormatter(logging.Formatter("[diffplat] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # Ray's root handler would print every line a second time
     import deepspeed
     import ray.train
     import torch
