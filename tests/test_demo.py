@@ -55,7 +55,8 @@ def test_demo_records_one_run_per_stage(demo):
     loss = client.get_metric_history(by_name["train"].info.run_id, "loss")
     assert [m.step for m in loss] == [5, 10, 15, 20, 25, 30]
     assert by_name["generate"].data.metrics["images"] == 6
-    assert "samples" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
+    assert "contact_sheet.png" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
+    assert "annotated_sheet.png" in [a.path for a in client.list_artifacts(by_name["filter"].info.run_id)]
 
 
 def test_demo_lora_in_stock_diffusers(demo):

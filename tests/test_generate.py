@@ -47,6 +47,8 @@ def test_writes_numbered_images_and_metadata(generated):
     assert first["seconds"] > 0
     assert Image.open(out / "images" / "000000.png").size == (128, 64)
     assert result.outputs["generate"]["images"] == 4
+    # one picture of all four, 128x64 thumbnails scaled to 256 wide, 4 px gaps
+    assert Image.open(out / "contact_sheet.png").size == (4 * 260 + 4, 128 + 8)
 
 
 def test_matches_stock_diffusers_with_the_same_settings(generated, tiny_sdxl):

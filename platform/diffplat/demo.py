@@ -47,7 +47,7 @@ def summary(out: Path, result: JobResult) -> str:
         f"  base model   {out / 'base-model'}",
         f"  data         {out / 'data'}  ({prep.get('rows_written')} rows, skipped {prep.get('skipped')})",
         f"  adapter      {out / 'adapters/lora/pytorch_lora_weights.safetensors'}  (final loss {train.get('final_loss', float('nan')):.4f})",
-        f"  generations  {out / 'generations'}  ({gen.get('images')} images, metadata.jsonl, labels/, annotated/)",
+        f"  generations  {out / 'generations'}  ({gen.get('images')} images, contact_sheet.png, metadata.jsonl, labels/, annotated/)",
         f"  filter       kept {filt.get('kept')} of {filt.get('images')}: {out / 'generations/filter_report.json'}",
         f"  mlflow       {result.tracking_uri}",
         "",

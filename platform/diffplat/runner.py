@@ -12,6 +12,7 @@ from typing import Iterator
 
 from diffplat import tracking
 from diffplat.config import STAGES, JobConfig, RayConfig
+from diffplat.pictures import contact_sheet
 
 log = logging.getLogger("diffplat")
 
@@ -102,7 +103,7 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None)
     tracking.log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
     tracking.log_artifacts(output / "metadata.jsonl")
-    _log_samples(output / "images")
+    _log_sheet(output / "images", output / "contact_sheet.png")
     return {"folder": str(output), **result}
 
 
@@ -116,7 +117,7 @@ def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     report = run_filter(c, folder, model)
     tracking.log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate")})
     tracking.log_artifacts(folder / "filter_report.json")
-    _log_samples(folder / "annotated", "annotated")
+    _log_sheet(folder / "annotated", folder / "annotated_sheet.png")
     return {k: v for k, v in report.items() if k != "per_image"}
 
 
@@ -128,11 +129,11 @@ def _storage(value: str, work: Workdir) -> str:
     return value if "://" in value else str(work.path(value))
 
 
-def _log_samples(folder: Path, artifact_path: str = "samples", limit: int = 8) -> None:
-    import mlflow
-
-    for path in sorted(folder.glob("*.png"))[:limit]:
-        mlflow.log_artifact(str(path), artifact_path)
+def _log_sheet(images: Path, out: Path) -> None:
+    """One picture of a stage's images in its MLflow run (none if the folder is empty)."""
+    sheet = contact_sheet(sorted(images.glob("*.png")), out)
+    if sheet is not None:
+        tracking.log_artifacts(sheet)
 
 
 def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:

@@ -1,0 +1,31 @@
+"""Contact sheets: many images on one picture, for the MLflow dashboard and a quick look."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+
+def contact_sheet(paths: list[Path], out: Path, columns: int = 4, thumb_width: int = 256, limit: int = 32) -> Path | None:
+    """A grid of the first `limit` images, each scaled to `thumb_width`; None if there are none."""
+    paths = list(paths)[:limit]
+    if not paths:
+        return None
+    thumbs = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            height = max(1, round(img.height * thumb_width / img.width))
+            thumbs.append(img.resize((thumb_width, height), Image.BICUBIC))
+    cell_h = max(t.height for t in thumbs)
+    columns = min(columns, len(thumbs))
+    rows = -(-len(thumbs) // columns)
+    gap = 4
+    sheet = Image.new("RGB", (columns * (thumb_width + gap) + gap, rows * (cell_h + gap) + gap), (24, 24, 24))
+    for i, thumb in enumerate(thumbs):
+        row, col = divmod(i, columns)
+        sheet.paste(thumb, (gap + col * (thumb_width + gap), gap + row * (cell_h + gap)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
