@@ -91,8 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  config.deepspeed.zero_stage, config.mixed_precision)  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
-    info = {"base_model": config.base_model, "rank": config.lora.rank, "alpha": config.lora.alpha,
-            "resolution": list(config.resolution), "workers": world}  # fmt: skip
+    info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world}
 
     def report(step: int, metrics: dict, save: bool) -> None:
         # Every rank calls report (it is a barrier); only rank 0 attaches the adapter.
@@ -103,37 +102,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    step, micro, losses, last_loss = 0, 0, [], float("nan")
-    window_start, window_images = time.perf_counter(), 0
+    step, micro, loss = 0, 0, None
+    # Losses add up on the device and are read once per log line: .item() each step would
+    # make the GPU wait for the host.
+    window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
+    window_start = time.perf_counter()
     engine.train()
     while step < config.max_train_steps:
         batches = 0
         for batch in shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True):
             batches += 1
-            step_start = time.perf_counter()
             loss = objective.loss(engine, batch, generator)
             engine.backward(loss)
             engine.step()
             micro += 1
-            last_loss = loss.item()
-            losses.append(last_loss)
+            window_loss += loss.detach()
+            window_micro += 1
             window_images += len(batch["caption"]) * world
             if micro % config.gradient_accumulation_steps:
                 continue
             step += 1
+            window_steps += 1
             if step % config.log_every == 0 or step == config.max_train_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "loss": sum(losses) / len(losses),
+                    "loss": float(window_loss) / window_micro,  # rank 0's micro-batches since the last line
                     "lr": engine.get_lr()[0],
-                    "images_per_s": window_images / elapsed,
-                    "step_time_s": time.perf_counter() - step_start,
+                    "images_per_s": window_images / elapsed,  # all workers
+                    "step_time_s": elapsed / window_steps,  # one optimizer step, accumulation included
                 }
                 logger.log_metrics(metrics, step)
                 if rank == 0:
                     log.info("train: step %d/%d loss %.4f lr %.2e %.1f img/s", step, config.max_train_steps,
                              metrics["loss"], metrics["lr"], metrics["images_per_s"])  # fmt: skip
-                losses, window_start, window_images = [], time.perf_counter(), 0
+                window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
+                window_start = time.perf_counter()
             checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
             if checkpoint_now and step < config.max_train_steps:
                 report(step, {"step": step}, save=True)
@@ -144,4 +147,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"train: worker {rank} got no batch of {config.train_batch_size} rows; "
                 "the dataset is smaller than train_batch_size x num_workers"
             )
-    report(step, {"step": step, "final_loss": last_loss}, save=True)
+    report(step, {"step": step, "final_loss": loss.item()}, save=True)

@@ -90,7 +90,9 @@ class LoraObjective:
         return F.mse_loss(pred.float(), target.float())
 
     def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
-        return save_lora(model, self.lora_config, folder, {"kind": "lora", **info})
+        lora = {"rank": self.config.lora.rank, "alpha": self.config.lora.alpha,
+                "target_modules": list(self.config.lora.target_modules)}  # fmt: skip
+        return save_lora(model, self.lora_config, folder, {"kind": "lora", **lora, **info})
 
 
 OBJECTIVES = {"lora": LoraObjective}
