@@ -75,3 +75,8 @@ def test_filter_rejects_by_rule(images):
 def test_filter_names_a_missing_weights_file(images):
     with pytest.raises(FileNotFoundError, match="filter.model: .*nope.pt is not a file"):
         run_filter(FilterConfig(), images, str(images / "nope.pt"))
+
+
+def test_filter_names_a_folder_without_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="filter: no images in .*images"):
+        run_filter(FilterConfig(), tmp_path, "yolov8n.yaml")

@@ -1,10 +1,19 @@
-"""Contact sheets: many images on one picture, for the MLflow dashboard and a quick look."""
+"""Image folders and contact sheets (many images on one picture, for MLflow and a quick look)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name ([] if there is no such folder)."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def contact_sheet(paths: list[Path], out: Path, columns: int = 4, thumb_width: int = 256, limit: int = 32) -> Path | None:

@@ -19,11 +19,9 @@ from diffplat.config import PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.shards import write_shards
 from diffplat.fileio import write_json_atomic, write_text_atomic
+from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-
 
 class NothingUsable(RuntimeError):
     pass
@@ -59,7 +57,7 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
         skipped.extend(bad)
     unknown = Counter(c for f in frames.values() for c in f.unknown_categories)
 
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = list_images(images_dir)
     reasons: Counter[str] = Counter({"bad label record": len(skipped)} if skipped else {})
     sources: Counter[str] = Counter()
     lora_index, controlnet_index = [], []

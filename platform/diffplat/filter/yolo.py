@@ -18,11 +18,9 @@ import yaml
 from diffplat.config import FilterConfig
 from diffplat.filter.rules import Detection, decide
 from diffplat.fileio import replace_dir, write_json_atomic
+from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-
 
 def load_detector(model: str):
     """A YOLO model from a weights file, or built from a yaml that ships in ultralytics."""
@@ -52,7 +50,7 @@ def _label_lines(detections: list[Detection]) -> str:
 
 def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
     """Detect, label and filter every image in `folder/images`."""
-    images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = list_images(folder / "images")
     if not images:
         raise FileNotFoundError(f"filter: no images in {folder / 'images'}")
     model = load_detector(model_path)
