@@ -12,7 +12,7 @@ from typing import Iterator
 
 from diffplat import tracking
 from diffplat.config import STAGES, JobConfig, RayConfig
-from diffplat.pictures import contact_sheet
+from diffplat.pictures import contact_sheet, list_images
 
 log = logging.getLogger("diffplat")
 
@@ -131,7 +131,7 @@ def _storage(value: str, work: Workdir) -> str:
 
 def _log_sheet(images: Path, out: Path) -> None:
     """One picture of a stage's images in its MLflow run (none if the folder is empty)."""
-    sheet = contact_sheet(sorted(images.glob("*.png")), out)
+    sheet = contact_sheet(list_images(images), out)
     if sheet is not None:
         tracking.log_artifacts(sheet)
 
