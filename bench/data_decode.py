@@ -41,7 +41,7 @@ def main() -> None:
         def bare() -> int:
             transform, rows = ToTrainingArrays(resolution, True, False, 0), 0
             for path in shard_files(shards):
-                table = pq.read_table(path, columns=["id", "image", "caption"])
+                table = pq.read_table(path, columns=["id", "image", "caption", "layout"])
                 rows += len(transform(table.to_pydict())["caption"])
             return rows
 

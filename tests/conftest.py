@@ -42,6 +42,14 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_inpaint(tmp_path_factory) -> Path:
+    """The same text encoders and VAE as tiny_sdxl (same seed), with a 9-channel UNet."""
+    from diffplat.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint", "sdxl-inpaint")
+
+
+@pytest.fixture(scope="session")
 def bdd_dir(tmp_path_factory) -> Path:
     from diffplat.data.synthetic_bdd import write_synthetic_bdd
 

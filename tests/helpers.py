@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 
-def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, seed: int = 0) -> Path:
+def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, seed: int = 0, info: dict | None = None) -> Path:
     """A LoRA with random (non-zero) weights on the tiny UNet, saved the way training saves it."""
     from diffusers import UNet2DConditionModel
 
@@ -18,4 +18,4 @@ def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, s
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.5)
-    return save_lora(unet, config, folder, {"made_by": "tests"})
+    return save_lora(unet, config, folder, {"made_by": "tests", **(info or {})})

@@ -25,6 +25,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="where everything is written")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    fill = sub.add_parser("ic-lora-infer", help="fill panels of a composite with an In-Context LoRA (source 1's flags)",
+                          description="Fill the named panels of a composite image; the other panels are kept "
+                                      "pixel for pixel. Flags and defaults are those of the SDXL In-Context LoRA "
+                                      "inference script.")  # fmt: skip
+    fill.add_argument("--lora_path", required=True, help="LoRA folder (or .safetensors file), e.g. output/final_model")
+    fill.add_argument("--input_image", required=True, help="the composite whose panels to fill")
+    fill.add_argument("--prompt", required=True)
+    fill.add_argument("--panels_to_inpaint", type=int, nargs="+", default=[2, 3], metavar="N",
+                      help="panels to fill: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right (default: 2 3)")
+    fill.add_argument("--output_dir", default="inference_output")
+    fill.add_argument("--negative_prompt", default=None)
+    fill.add_argument("--num_inference_steps", type=int, default=50)
+    fill.add_argument("--guidance_scale", type=float, default=7.5)
+    fill.add_argument("--num_images", type=int, default=1)
+    fill.add_argument("--seed", type=int, default=None, help="image i gets seed + i; default: a random seed")
+    fill.add_argument("--use_gradient_mask", action="store_true", help="blend seams with a soft mask")
+    fill.add_argument("--gradient_width", type=int, default=20, help="pixels of soft transition (default: 20)")
+    fill.add_argument("--strength", type=float, default=1.0)
+    fill.add_argument("--base_model", default=None,
+                      help="default: the base model recorded with the LoRA, else stabilityai/stable-diffusion-xl-base-1.0")
+    fill.add_argument("--save_comparison", action="store_true", help="also write input | mask | output side by side")
+    fill.add_argument("--layout", default="2x2", help="ROWSxCOLS of the composite (diffplat; default 2x2)")
+    fill.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=None,
+                      help="prompt tokens kept (diffplat; default: what the LoRA was trained with, else 75)")
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
@@ -36,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[diffplat] %(message)s", stream=sys.stderr)
     from diffplat.config import ConfigError, load_config, to_yaml
+    from diffplat.data.composites import CompositeError
+    from diffplat.models.lora import LoraFileError
+
+    InputError = (CompositeError, LoraFileError)
 
     try:
         if args.command == "check":
@@ -51,11 +80,19 @@ def main(argv: list[str] | None = None) -> int:
             from diffplat.demo import run_demo
 
             run_demo(args.output, args.overrides)
+        elif args.command == "ic-lora-infer":
+            from diffplat.infer.panels import fill_command
+
+            for path in fill_command(args):
+                print(path)
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 
             print(write_tiny_model(args.out, args.kind, args.seed))
     except ConfigError as err:
+        print(f"diffplat: {err}", file=sys.stderr)
+        return 2
+    except InputError as err:  # a bad image, panel, path or adapter the user named: one line, no traceback
         print(f"diffplat: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,7 @@ class _Strict(BaseModel):
 
 
 Resolution = tuple[int, int]  # (width, height), as image tools say it: 1280 720
+TokenLength = Literal[75, 150, 225]  # kohya's max_token_length: 1, 2 or 3 CLIP windows
 
 
 def _check_resolution(value: Resolution) -> Resolution:
@@ -51,12 +52,64 @@ class BddSource(_Strict):
     seg_masks: str | None = Field(None, description="folder of semantic masks, train ids 0-18, 255 = ignore")
 
 
+def _check_layout(value: str) -> str:
+    from diffplat.data.composites import CompositeError, Layout
+
+    try:
+        return str(Layout.parse(value))
+    except CompositeError as err:
+        raise ValueError(str(err)) from None
+
+
+class CompositeSource(_Strict):
+    """Composites for In-Context LoRA: built from groups of images, or taken as they are."""
+
+    groups: Literal["existing", "consecutive", "list", "bdd"] = Field(
+        "consecutive", description="existing composites, a folder in name order, a list file, or BDD frames by attribute"
+    )
+    layout: str = Field("2x2", description="ROWSxCOLS; panel i is at row i // cols, column i % cols")
+    images: str | None = Field(None, description="folder of composites (existing) or of panel images, with .txt captions")
+    list_file: str | None = Field(None, description="groups: list; one composite a line, panel files separated by commas")
+    bdd: BddSource | None = None
+    group_by: Literal["scene", "timeofday", "weather"] = "scene"
+    stride: int | None = Field(None, gt=0, description="images between the starts of two composites; default: no overlap")
+    panel_size: Resolution = (512, 512)
+    tag: str = Field("", description='caption prefix tag, e.g. "[MOVIE-SHOTS]" or "[BDD]"')
+    summary: str = Field("", description="text after the tag; {count} and {value} are filled in for bdd groups")
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: str) -> str:
+        return _check_layout(value)
+
+    @field_validator("panel_size")
+    @classmethod
+    def _panel_size(cls, value: Resolution) -> Resolution:
+        if min(value) <= 0:
+            raise ValueError(f"panel_size must be two positive numbers (width height), got {value[0]} {value[1]}")
+        return value
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "CompositeSource":
+        needs = {"existing": "images", "consecutive": "images", "list": "list_file", "bdd": "bdd"}[self.groups]
+        if getattr(self, needs) is None:
+            raise ValueError(f"groups: {self.groups} needs `{needs}`")
+        return self
+
+
 class PrepareConfig(_Strict):
-    source: Literal["bdd"] = "bdd"
-    bdd: BddSource
+    source: Literal["bdd", "composites"] = "bdd"
+    bdd: BddSource | None = None
+    composites: CompositeSource | None = None
     output: str = "data"
     rows_per_shard: int = Field(256, gt=0)
     caption_prefix: str = ""
+
+    @model_validator(mode="after")
+    def _source_section(self) -> "PrepareConfig":
+        if getattr(self, self.source) is None:
+            raise ValueError(f"source: {self.source} needs a `{self.source}` section")
+        return self
 
 
 class LoraSettings(_Strict):
@@ -79,8 +132,42 @@ class DeepSpeedSettings(_Strict):
     offload_optimizer: bool = False
 
 
+class IcLoraSettings(_Strict):
+    """In-Context LoRA on composites (kind: ic_lora).
+
+    mode `composite`: the published recipe, a plain LoRA on whole composites, no masking.
+    mode `masked`: each step hides random panels; the model sees the visible ones (as the
+    masked-image channels of an inpainting UNet) and the text, and learns to fill the rest.
+    """
+
+    mode: Literal["composite", "masked"] = "masked"
+    mask_probability: float = Field(0.7, ge=0, le=1, description="share of samples with 1..max_masked_panels "
+                                    "panels hidden; the others hide every panel (text only)")  # fmt: skip
+    max_masked_panels: int = Field(2, gt=0)
+    masked_loss_weight: float = Field(1.0, ge=0, description="loss weight on hidden panels")
+    visible_loss_weight: float = Field(0.0, ge=0, description="loss weight on visible panels")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "IcLoraSettings":
+        if self.masked_loss_weight == 0 and self.visible_loss_weight == 0:
+            raise ValueError("masked_loss_weight and visible_loss_weight cannot both be 0")
+        return self
+
+
+class ValidationSettings(_Strict):
+    """Images made with the adapter as it trains, logged to MLflow as one grid per time."""
+
+    every_n_steps: int | None = Field(None, gt=0, description="None: only at the end")
+    prompts: list[str] = Field(default_factory=list, description="lora; ic_lora fills composites from the data")
+    num_images: int = Field(2, gt=0, description="ic_lora: how many training composites to fill")
+    panels: list[int] | None = Field(None, description="ic_lora: panels to fill; None: the second half")
+    num_inference_steps: int = Field(20, gt=0)
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
 class TrainConfig(_Strict):
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "ic_lora"] = "lora"
     base_model: str = Field(description="hub id or local folder of an SDXL pipeline")
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
     variant: str | None = None
@@ -90,6 +177,10 @@ class TrainConfig(_Strict):
     center_crop: bool = True
     random_flip: bool = False
     lora: LoraSettings = LoraSettings()
+    ic_lora: IcLoraSettings = IcLoraSettings()
+    validation: ValidationSettings = ValidationSettings()
+    max_token_length: TokenLength = Field(75, description="caption tokens kept: 75 is one CLIP window (stock "
+                                          "diffusers); 150 or 225 keep long multi-scene captions whole")  # fmt: skip
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
@@ -98,7 +189,8 @@ class TrainConfig(_Strict):
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     use_8bit_adam: bool = False
-    max_train_steps: int = Field(gt=0)
+    max_train_steps: int | None = Field(None, gt=0)
+    num_train_epochs: int | None = Field(None, gt=0, description="instead of max_train_steps")
     train_batch_size: int = Field(1, gt=0, description="per worker")
     gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
@@ -117,8 +209,45 @@ class TrainConfig(_Strict):
     def _resolution(cls, value: Resolution) -> Resolution:
         return _check_resolution(value)
 
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if (self.max_train_steps is None) == (self.num_train_epochs is None):
+            raise ValueError("give one of max_train_steps and num_train_epochs")
+        return self
+
+
+class PanelFillSettings(_Strict):
+    """generate kind ic_lora: fill panels of every composite in a folder (source 1's options)."""
+
+    inputs: str = Field(description="folder of composites; a same-named .txt is that composite's prompt")
+    layout: str = "2x2"
+    panels_to_inpaint: list[int] = Field(default_factory=lambda: [2, 3])
+    strength: float = Field(1.0, gt=0, le=1)
+    use_gradient_mask: bool = False
+    gradient_width: int = Field(20, ge=0, description="pixels of soft transition inside filled panels")
+    save_comparison: bool = True
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: str) -> str:
+        return _check_layout(value)
+
+    @model_validator(mode="after")
+    def _panels(self) -> "PanelFillSettings":
+        from diffplat.data.composites import CompositeError, Layout
+
+        layout = Layout.parse(self.layout)
+        try:
+            chosen = layout.check_panels(self.panels_to_inpaint, "panels_to_inpaint")
+        except CompositeError as err:
+            raise ValueError(str(err)) from None
+        if len(chosen) == layout.panels:
+            raise ValueError(f"panels_to_inpaint names every panel of layout {layout}: nothing is left to condition on")
+        return self
+
 
 class GenerateConfig(_Strict):
+    kind: Literal["text_to_image", "ic_lora"] = "text_to_image"
     base_model: str
     lora: str | None = None
     vae: str | None = None
@@ -132,6 +261,7 @@ class GenerateConfig(_Strict):
     guidance_scale: float = 5.0
     num_inference_steps: int = Field(30, gt=0)
     scheduler: Literal["default", "euler", "euler_a", "ddim", "ddpm", "dpm++"] = "default"
+    max_token_length: TokenLength | None = Field(None, description="None: what the adapter was trained with, else 75")
     seed: int = 0
     batch_size: int = Field(1, gt=0)
     replicas: int = Field(1, gt=0, description="pipeline copies on Ray Data; one per GPU on a cluster")
@@ -139,6 +269,7 @@ class GenerateConfig(_Strict):
     cpus_per_replica: float = Field(1, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output: str = "generations"
+    ic_lora: PanelFillSettings | None = None
 
     @field_validator("resolution")
     @classmethod
@@ -147,7 +278,10 @@ class GenerateConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> "GenerateConfig":
-        if not self.prompts and not self.prompts_file:
+        if self.kind == "ic_lora":
+            if self.ic_lora is None:
+                raise ValueError("kind: ic_lora needs an `ic_lora` section (inputs, panels_to_inpaint, ...)")
+        elif not self.prompts and not self.prompts_file:
             raise ValueError("give `prompts` or `prompts_file`")
         return self
 

@@ -16,25 +16,32 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def grid(images: list[Image.Image], columns: int = 4, thumb_width: int = 256, gap: int = 4) -> Image.Image:
+    """Images scaled to `thumb_width`, in rows of `columns`, on a dark background."""
+    thumbs = []
+    for img in images:
+        img = img.convert("RGB")
+        height = max(1, round(img.height * thumb_width / img.width))
+        thumbs.append(img.resize((thumb_width, height), Image.BICUBIC))
+    cell_h = max(t.height for t in thumbs)
+    columns = min(columns, len(thumbs))
+    rows = -(-len(thumbs) // columns)
+    sheet = Image.new("RGB", (columns * (thumb_width + gap) + gap, rows * (cell_h + gap) + gap), (24, 24, 24))
+    for i, thumb in enumerate(thumbs):
+        row, col = divmod(i, columns)
+        sheet.paste(thumb, (gap + col * (thumb_width + gap), gap + row * (cell_h + gap)))
+    return sheet
+
+
 def contact_sheet(paths: list[Path], out: Path, columns: int = 4, thumb_width: int = 256, limit: int = 32) -> Path | None:
     """A grid of the first `limit` images, each scaled to `thumb_width`; None if there are none."""
     paths = list(paths)[:limit]
     if not paths:
         return None
-    thumbs = []
+    images = []
     for path in paths:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            height = max(1, round(img.height * thumb_width / img.width))
-            thumbs.append(img.resize((thumb_width, height), Image.BICUBIC))
-    cell_h = max(t.height for t in thumbs)
-    columns = min(columns, len(thumbs))
-    rows = -(-len(thumbs) // columns)
-    gap = 4
-    sheet = Image.new("RGB", (columns * (thumb_width + gap) + gap, rows * (cell_h + gap) + gap), (24, 24, 24))
-    for i, thumb in enumerate(thumbs):
-        row, col = divmod(i, columns)
-        sheet.paste(thumb, (gap + col * (thumb_width + gap), gap + row * (cell_h + gap)))
+            images.append(img.convert("RGB"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    grid(images, columns, thumb_width).save(out)
     return out

@@ -66,9 +66,9 @@ def ray_session(config: RayConfig) -> Iterator[None]:
 
 
 def _prepare(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
-    from diffplat.data.prepare import prepare_bdd
+    from diffplat.data.prepare import prepare
 
-    report = prepare_bdd(config.prepare, work.path)
+    report = prepare(config.prepare, work.path)
     tracking.log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(report["skipped"].values())})
     tracking.log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
     return report
@@ -100,10 +100,12 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "lora": str(work.path(c.lora)) if c.lora else None,
     })  # fmt: skip
     output = work.path(c.output)
-    result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None)
+    inputs = work.path(c.ic_lora.inputs) if c.ic_lora else None
+    result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None, inputs)
     tracking.log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
     tracking.log_artifacts(output / "metadata.jsonl")
     _log_sheet(output / "images", output / "contact_sheet.png")
+    _log_sheet(output / "comparisons", output / "comparison_sheet.png", columns=1, thumb_width=768)
     return {"folder": str(output), **result}
 
 
@@ -129,9 +131,9 @@ def _storage(value: str, work: Workdir) -> str:
     return value if "://" in value else str(work.path(value))
 
 
-def _log_sheet(images: Path, out: Path) -> None:
+def _log_sheet(images: Path, out: Path, columns: int = 4, thumb_width: int = 256) -> None:
     """One picture of a stage's images in its MLflow run (none if the folder is empty)."""
-    sheet = contact_sheet(list_images(images), out)
+    sheet = contact_sheet(list_images(images), out, columns=columns, thumb_width=thumb_width)
     if sheet is not None:
         tracking.log_artifacts(sheet)
 

@@ -127,3 +127,7 @@ class RankZeroLogger:
 
         now = int(time.time() * 1000)
         self._client.log_batch(self._run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_image(self, image, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_image(self._run_id, image, artifact_file=artifact_file)

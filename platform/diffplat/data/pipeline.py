@@ -15,6 +15,8 @@ class ToTrainingArrays:
     """Decode, resize (shorter side first) and crop to (width, height), as SDXL training does.
 
     Keeps the original size and the crop's top-left corner: SDXL is conditioned on both.
+    A composite (a row with a layout) is resized to (width, height) whole and never flipped: a
+    crop would cut panels and a flip would swap them against their caption's scene order.
     Undecodable rows are dropped with a warning (prepare has already checked them once).
     """
 
@@ -24,10 +26,13 @@ class ToTrainingArrays:
         self.random_flip = random_flip
         self.rng = np.random.default_rng(seed)
 
-    def _one(self, data: bytes):
+    def _one(self, data: bytes, layout: str | None = None):
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
             original = (img.height, img.width)
+            if layout:
+                img = img.resize((self.width, self.height), Image.BICUBIC)
+                return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1), original, (0, 0)
             scale = max(self.width / img.width, self.height / img.height)
             size = (max(self.width, round(img.width * scale)), max(self.height, round(img.height * scale)))
             img = img.resize(size, Image.BICUBIC)
@@ -44,10 +49,10 @@ class ToTrainingArrays:
         return pixels.transpose(2, 0, 1), original, (top, left)
 
     def __call__(self, batch: dict) -> dict:
-        pixels, originals, crops, captions = [], [], [], []
-        for row_id, data, caption in zip(batch["id"], batch["image"], batch["caption"]):
+        pixels, originals, crops, captions, layouts = [], [], [], [], []
+        for row_id, data, caption, layout in zip(batch["id"], batch["image"], batch["caption"], batch["layout"]):
             try:
-                p, o, c = self._one(data)
+                p, o, c = self._one(data, layout)
             except Exception as err:  # a bad row must not stop a long training run
                 log.warning("skipping row %s: cannot decode image (%s)", row_id, err)
                 continue
@@ -55,12 +60,14 @@ class ToTrainingArrays:
             originals.append(o)
             crops.append(c)
             captions.append(caption)
+            layouts.append(layout or "")
         shape = (0, 3, self.height, self.width)
         return {
             "pixel_values": np.stack(pixels) if pixels else np.zeros(shape, np.float32),
             "original_size": np.array(originals, dtype=np.int64).reshape(-1, 2),
             "crop_top_left": np.array(crops, dtype=np.int64).reshape(-1, 2),
             "caption": np.array(captions, dtype=object),
+            "layout": np.array(layouts, dtype=object),
         }
 
 
@@ -77,7 +84,7 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     # in bench/data_decode.py). The dataset keeps the context it was created with.
     context.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet(files, columns=["id", "image", "caption"])
+        ds = ray.data.read_parquet(files, columns=["id", "image", "caption", "layout"])
     finally:
         context.use_datasource_v2 = before
     # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small

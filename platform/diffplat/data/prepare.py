@@ -17,8 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
+from diffplat.data.composite_source import Skips, composite_rows
 from diffplat.data.shards import write_shards
-from diffplat.fileio import write_json_atomic, write_text_atomic
+from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
@@ -38,6 +39,59 @@ def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def prepare(config: PrepareConfig, resolve) -> dict:
+    """The stage: the configured source -> shards, index files and prepare_report.json."""
+    return {"bdd": prepare_bdd, "composites": prepare_composites}[config.source](config, resolve)
+
+
+def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path) -> dict:
+    """Write the report (also when nothing was usable, so that it says why), then judge."""
+    report["skipped_items"] = skipped[:1000]
+    write_json_atomic(out / "prepare_report.json", report)
+    for message in skipped[:20]:
+        log.warning("prepare: skipped %s", message)
+    if report["rows_written"] == 0:
+        raise NothingUsable(f"prepare: no usable rows out of {found} items in {where}; see {out}/prepare_report.json")
+    log.info("prepare: %d rows in %d shards, %d skipped", report["rows_written"], len(report["shards"]),
+             sum(report["skipped"].values()))  # fmt: skip
+    return report
+
+
+def prepare_composites(config: PrepareConfig, resolve) -> dict:
+    """Composites (built from groups, or existing) -> shards with their layout, plus the built
+    composites as `composites/<id>.png` + `.txt` and `index_composites.jsonl`."""
+    c = config.composites
+    out = resolve(config.output)
+    folder = resolve(c.images) if c.images else resolve(c.bdd.images) if c.bdd else None
+    if folder is not None and not folder.is_dir():
+        field = "images" if c.images else "bdd.images"
+        raise FileNotFoundError(f"prepare.composites.{field}: {folder} is not a folder")
+    skips = Skips()
+    index = []
+    # Shards and composites are staged and swapped in together, and only when rows came out:
+    # a failed rerun leaves the previous good output as it was.
+    with replace_dir(out / "shards") as shards_tmp, replace_dir(out / "composites") as images_out:
+        def rows():
+            for row in composite_rows(c, resolve, skips, None if c.groups == "existing" else images_out):
+                index.append({"id": row["id"], "caption": row["caption"], "layout": row["layout"],
+                              "panels": row.pop("panels")})  # fmt: skip
+                if len(index) % 200 == 0:
+                    log.info("prepare: %d composites", len(index))
+                yield row
+
+        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
+        report = {
+            "source": f"composites:{c.groups}",
+            "layout": c.layout,
+            "rows_written": len(index),
+            "skipped": skips.reasons,
+            "shards": [p.name for p in shards],
+        }
+        _finish(out, report, skips.items, len(index) + len(skips.items), folder or resolve(c.list_file))
+    write_text_atomic(out / "index_composites.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+    return report
 
 
 def prepare_bdd(config: PrepareConfig, resolve) -> dict:
@@ -102,25 +156,20 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
                 "source": source,
             }
 
-    shards = write_shards(rows(), out / "shards", config.rows_per_shard)
-    total = sum(sources.values())
-    report = {
-        "source": "bdd",
-        "images_found": len(images),
-        "rows_written": total,
-        "rows_by_caption_source": dict(sources),
-        "with_conditioning": len(controlnet_index),
-        "skipped": dict(reasons),
-        "skipped_items": skipped[:1000],
-        "unknown_categories": dict(unknown),
-        "shards": [p.name for p in shards],
-    }
+    with replace_dir(out / "shards") as shards_tmp:
+        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
+        total = sum(sources.values())
+        report = {
+            "source": "bdd",
+            "images_found": len(images),
+            "rows_written": total,
+            "rows_by_caption_source": dict(sources),
+            "with_conditioning": len(controlnet_index),
+            "skipped": dict(reasons),
+            "unknown_categories": dict(unknown),
+            "shards": [p.name for p in shards],
+        }
+        _finish(out, report, skipped, len(images), images_dir)
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in lora_index))
     write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in controlnet_index))
-    write_json_atomic(out / "prepare_report.json", report)
-    for message in skipped[:20]:
-        log.warning("prepare: skipped %s", message)
-    if total == 0:
-        raise NothingUsable(f"prepare: no usable rows out of {len(images)} images in {images_dir}; see {out}/prepare_report.json")
-    log.info("prepare: %d rows in %d shards, %d skipped", total, len(shards), sum(reasons.values()))
     return report

@@ -14,7 +14,7 @@ DTYPES = {"no": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 
 
-def _source_kwargs(model: str, variant: str | None = None) -> dict:
+def source_kwargs(model: str, variant: str | None = None) -> dict:
     local = os.path.isdir(model)
     kwargs = {"use_safetensors": True, "local_files_only": local or os.environ.get("HF_HUB_OFFLINE") == "1"}
     if variant:
@@ -39,15 +39,15 @@ def load_vae(base_model: str, vae: str | None, variant: str | None = None):
     from diffusers import AutoencoderKL
 
     if vae:  # a standalone VAE folder or hub id, e.g. an fp16-safe SDXL VAE
-        return AutoencoderKL.from_pretrained(vae, **_source_kwargs(vae))
-    return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **_source_kwargs(base_model, variant))
+        return AutoencoderKL.from_pretrained(vae, **source_kwargs(vae))
+    return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **source_kwargs(base_model, variant))
 
 
 def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None = None) -> SDXLParts:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    kw = _source_kwargs(base_model, variant)
+    kw = source_kwargs(base_model, variant)
     tok_kw = {"local_files_only": kw["local_files_only"]}
     return SDXLParts(
         tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **tok_kw),
@@ -66,7 +66,7 @@ def load_pipeline(base_model: str, vae: str | None = None, variant: str | None =
 
     extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
     return StableDiffusionXLPipeline.from_pretrained(
-        base_model, torch_dtype=dtype, **_source_kwargs(base_model, variant), **extra
+        base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra
     )
 
 

@@ -14,6 +14,42 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 INFO_NAME = "adapter_info.json"
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+class LoraFileError(ValueError):
+    """A LoRA path that cannot be loaded: a pickle, or a folder without weights."""
+
+
+def lora_location(path: str) -> tuple[str, str | None]:
+    """(folder or hub id, weight file name) for `load_lora_weights`; a training output folder,
+    a `checkpoint-N` folder, or a .safetensors file. Pickled files are refused, not loaded."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(
+            f"{path}: a pickled LoRA ({p.suffix}) is refused, since loading it could run code. Convert it once, "
+            "where you trust it: python -c \"import torch, safetensors.torch as s; "
+            f"s.save_file(torch.load('{p.name}', weights_only=True), '{p.stem}.safetensors')\""
+        )
+    if p.is_file():
+        return str(p.parent), p.name
+    if p.is_dir() and not (p / WEIGHTS_NAME).is_file():
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return str(p), found[0].name
+        raise LoraFileError(f"{path}: no {WEIGHTS_NAME} (nor one other .safetensors file) in this folder")
+    if not p.is_dir() and (p.is_absolute() or path.startswith(".") or path.count("/") != 1):
+        raise LoraFileError(f"{path}: no such LoRA file or folder")
+    return str(p) if p.is_dir() else path, None
+
+
+def adapter_info(path: str) -> dict:
+    """The adapter_info.json written beside a LoRA at training time ({} if there is none)."""
+    p = Path(path)
+    info = (p if p.is_dir() else p.parent) / INFO_NAME
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
 def peft_config(settings: LoraSettings):
     from peft import LoraConfig
 

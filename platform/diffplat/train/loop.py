@@ -102,6 +102,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
 
+    def validate(step: int) -> None:
+        """Rank 0 draws the validation picture with the adapter as it is at `step`."""
+        if rank != 0:
+            return
+        start = time.perf_counter()
+        engine.module.eval()
+        dtype = next(engine.module.parameters()).dtype
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            picture = objective.validation_grid(engine.module)
+        engine.module.train()
+        if picture is not None:
+            logger.log_image(picture, f"validation/step_{step:06d}.png")
+            log.info("train: validation images at step %d (%.1f s)", step, time.perf_counter() - start)
+
+    every = config.validation.every_n_steps
     step, micro, loss = 0, 0, None
     # Losses add up on the device and are read once per log line: .item() each step would
     # make the GPU wait for the host.
@@ -137,6 +152,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              metrics["loss"], metrics["lr"], metrics["images_per_s"])  # fmt: skip
                 window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
+            if every and step % every == 0 and step < config.max_train_steps:
+                validate(step)
             checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
             if checkpoint_now and step < config.max_train_steps:
                 report(step, {"step": step}, save=True)
@@ -147,4 +164,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"train: worker {rank} got no batch of {config.train_batch_size} rows; "
                 "the dataset is smaller than train_batch_size x num_workers"
             )
+    validate(step)
     report(step, {"step": step, "final_loss": loss.item()}, save=True)

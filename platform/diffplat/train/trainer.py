@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from diffplat.config import TrainConfig
+from diffplat.config import ConfigError, TrainConfig
 from diffplat.data.pipeline import training_dataset
 from diffplat.fileio import replace_dir
 from diffplat.train.loop import train_loop_per_worker
@@ -14,11 +14,63 @@ from diffplat.train.loop import train_loop_per_worker
 log = logging.getLogger("diffplat")
 
 
+def _shard_summary(shards: str) -> tuple[int, set[str]]:
+    """Rows and distinct layouts of the training shards, from Parquet metadata and one column."""
+    import pyarrow.parquet as pq
+
+    from diffplat.data.shards import shard_files
+
+    rows, layouts = 0, set()
+    for path in shard_files(Path(shards)):
+        table = pq.read_table(path, columns=["layout"])
+        rows += table.num_rows
+        layouts.update(v for v in table.column("layout").to_pylist())
+    return rows, layouts
+
+
+def check_training_data(config: TrainConfig) -> TrainConfig:
+    """Fail before any worker starts on data or a model that cannot train this kind; turn
+    `num_train_epochs` into steps (the lr schedule needs the total)."""
+    if "://" in config.data:
+        if config.num_train_epochs:
+            raise ConfigError("train.num_train_epochs needs local shards to count rows; give max_train_steps")
+        return config
+    rows, layouts = _shard_summary(config.data)
+    if config.kind == "ic_lora":
+        from diffplat.data.composites import CompositeError, Layout
+
+        if None in layouts:
+            raise ConfigError(f"train.data: {config.data} has rows without a layout; ic_lora trains on composites "
+                              "(prepare them with source: composites)")  # fmt: skip
+        for text in sorted(layouts):
+            try:
+                Layout.parse(text).check_size(*config.resolution, f"train.resolution {list(config.resolution)}", 8)
+            except CompositeError as err:
+                raise ConfigError(str(err)) from None
+        if config.ic_lora.mode == "masked":
+            from diffusers import UNet2DConditionModel
+
+            from diffplat.models.loading import source_kwargs
+            from diffplat.train.objectives import INPAINT_CHANNELS, needs_inpainting_unet
+
+            unet = UNet2DConditionModel.load_config(config.base_model, subfolder="unet",
+                                                    local_files_only=source_kwargs(config.base_model)["local_files_only"])  # fmt: skip
+            if unet["in_channels"] != INPAINT_CHANNELS:
+                raise ConfigError(needs_inpainting_unet(config.base_model, unet["in_channels"]))
+    if config.num_train_epochs:
+        per_step = config.train_batch_size * config.scaling.num_workers * config.gradient_accumulation_steps
+        steps = max(1, rows // per_step) * config.num_train_epochs
+        log.info("train: %d epochs of %d rows = %d steps", config.num_train_epochs, rows, steps)
+        config = config.model_copy(update={"max_train_steps": steps})
+    return config
+
+
 def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, run_id: str | None, name: str) -> dict:
     """Train with `config` (paths already resolved) and write the adapter to `output`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    config = check_training_data(config)
     scaling = config.scaling
     dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip, config.seed)
     trainer = TorchTrainer(
