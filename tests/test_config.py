@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from diffplat.config import ConfigError, load_config, parse_config
-from diffplat.demo import demo_config_path
+from diffplat.demo import demo_config_paths
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(REPO.glob("jobs/*.yaml")) + [demo_config_path()]
+SHIPPED = sorted(REPO.glob("jobs/*.yaml")) + demo_config_paths()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -35,9 +35,23 @@ def test_demo_writes_every_stage(demo):
     assert report["images"] == 6
     prep = json.loads((out / "data" / "prepare_report.json").read_text())
     assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
-    for stage in ("setup", "prepare", "train", "generate", "filter", "total"):
+    for stage in ("setup", "prepare", "train", "generate", "filter", "total", "lora", "ic_lora"):
         assert stage in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout and "--host 127.0.0.1" in stdout
+    assert len(stdout.strip().splitlines()) <= 40  # one screen
+
+
+def test_demo_ic_lora_leg(demo):
+    out, _ = demo
+    composites = sorted((out / "data-ic" / "composites").glob("*.png"))
+    assert len(composites) >= 4
+    caption = composites[0].with_suffix(".txt").read_text()
+    assert caption.startswith("[BDD] 4 driving scenes, ") and "[SCENE-4]" in caption
+    info = json.loads((out / "adapters" / "ic_lora" / "adapter_info.json").read_text())
+    assert info["kind"] == "ic_lora" and info["ic_lora"]["mode"] == "masked" and info["workers"] == 2
+    fills = sorted((out / "ic_lora" / "images").glob("*.png"))
+    assert [p.name for p in fills] == [p.name for p in composites]
+    assert len(list((out / "ic_lora" / "comparisons").glob("*.png"))) == len(fills)
 
 
 def test_demo_records_one_run_per_stage(demo):
@@ -47,9 +61,12 @@ def test_demo_records_one_run_per_stage(demo):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("diffplat-demo")
     runs = client.search_runs([experiment.experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
+    jobs = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(jobs) == {"demo", "demo-ic-lora"}
+    parent = jobs["demo"].info.run_id
+    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    by_name["demo"] = jobs["demo"]
     assert set(by_name) == {"demo", "prepare", "train", "generate", "filter"}
-    parent = by_name["demo"].info.run_id
     assert all(by_name[s].data.tags["mlflow.parentRunId"] == parent for s in ("prepare", "train", "generate", "filter"))
     assert by_name["demo"].data.params["train.lora.rank"] == "8"
     loss = client.get_metric_history(by_name["train"].info.run_id, "loss")
@@ -57,6 +74,11 @@ def test_demo_records_one_run_per_stage(demo):
     assert by_name["generate"].data.metrics["images"] == 6
     assert "contact_sheet.png" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
     assert "annotated_sheet.png" in [a.path for a in client.list_artifacts(by_name["filter"].info.run_id)]
+    ic_stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == jobs["demo-ic-lora"].info.run_id}
+    assert set(ic_stages) == {"prepare", "train", "generate"}
+    validation = [a.path for a in client.list_artifacts(ic_stages["train"].info.run_id, "validation")]
+    assert validation == ["validation/step_000010.png", "validation/step_000020.png"]
+    assert "comparison_sheet.png" in [a.path for a in client.list_artifacts(ic_stages["generate"].info.run_id)]
 
 
 def test_demo_lora_in_stock_diffusers(demo):
@@ -78,3 +100,27 @@ def test_demo_lora_in_stock_diffusers(demo):
     at_zero = image(cross_attention_kwargs={"scale": 0.0})
     assert np.abs(with_lora - base).max() > 1e-3
     assert np.array_equal(at_zero, base)
+
+
+def test_demo_ic_lora_in_stock_diffusers(demo):
+    """The IC-LoRA loads with load_lora_weights on the demo's (inpainting) base model and changes
+    the fill; at scale 0 the fill is the base model's."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    out, _ = demo
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(out / "base-model-inpaint", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    composite = Image.open(out / "data-ic" / "composites" / "composite-00000.png").convert("RGB")
+    mask = Image.new("L", composite.size, 0)
+    mask.paste(255, (0, composite.height // 2, composite.width, composite.height))
+
+    def fill(**kwargs):
+        return pipe("four driving scenes", image=composite, mask_image=mask, width=composite.width,
+                    height=composite.height, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="np", **kwargs).images[0]  # fmt: skip
+
+    base = fill()
+    pipe.load_lora_weights(out / "adapters" / "ic_lora")
+    assert np.abs(fill() - base).max() > 1e-3
+    assert np.array_equal(fill(cross_attention_kwargs={"scale": 0.0}), base)

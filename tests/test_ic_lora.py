@@ -70,6 +70,13 @@ def test_masked_mode_trains_with_two_workers(masked_job):
     assert info["kind"] == "ic_lora" and info["ic_lora"]["mode"] == "masked" and info["inpainting_unet"] is True
     assert info["workers"] == 2 and info["step"] == 4 and info["max_token_length"] == 225
     assert result.outputs["prepare"]["layout"] == "2x2" and result.outputs["prepare"]["rows_written"] >= 4
+    # the last checkpoint holds both workers' optimizer partitions (Ray merges the ranks' folders)
+    states = (work / "ray_results").glob("ic-test-train-*/checkpoint_*/trainer_state.json")
+    last = max(states, key=lambda p: p.stat().st_mtime).parent
+    assert json.loads((last / "trainer_state.json").read_text()) == {"step": 4, "micro": 4, "workers": 2}
+    state = {p.name for p in (last / "deepspeed" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= state
+    assert (last / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_training_logs_fills_to_mlflow(masked_job):

@@ -49,3 +49,39 @@ def test_one_worker_zero0_accumulation_and_checkpoints(tmp_path, tiny_sdxl, bdd_
     assert lrs[0] > lrs[-1]  # the linear schedule decays
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "adapter")] == [
         "adapter/adapter_info.json", "adapter/pytorch_lora_weights.safetensors"]
+
+
+def test_resume_from_latest_goes_on_from_the_saved_step(tmp_path, tiny_sdxl, bdd_dir, local_ray):
+    import mlflow
+
+    def job(steps: int, **train):
+        return parse_config({
+            "name": "resume-test",
+            "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"),
+                                "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}},
+            "train": {"base_model": str(tiny_sdxl), "data": "data/shards", "resolution": [64, 64],
+                      "lora": {"rank": 4, "alpha": 4}, "max_train_steps": steps, "train_batch_size": 2,
+                      "learning_rate": 1e-3, "lr_scheduler": "linear", "log_every": 1, "checkpointing_steps": 2,
+                      "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2}, **train},
+        })  # fmt: skip
+
+    first = run_job(job(3), tmp_path)
+    before = load_file(tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")
+    second = run_job(job(5, resume_from_checkpoint="latest"), tmp_path)
+    info = json.loads((tmp_path / "adapters" / "lora" / "adapter_info.json").read_text())
+    assert info["step"] == 5
+    after = load_file(tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(not (after[k] == before[k]).all() for k in before)
+    client = mlflow.MlflowClient(tracking_uri=second.tracking_uri)
+    runs = client.search_runs([client.get_run(second.run_id).info.experiment_id],
+                              filter_string="tags.`diffplat.stage` = 'train'", order_by=["start_time ASC"])
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [4, 5]  # went on from 3
+    lrs = [m.value for m in client.get_metric_history(runs[1].info.run_id, "lr")]
+    assert lrs[0] < 1e-3  # the linear schedule went on too, it did not restart
+    assert first.run_id != second.run_id
+
+    from diffplat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: .*nope is not a checkpoint"):
+        run_job(job(5, resume_from_checkpoint=str(tmp_path / "nope")), tmp_path)

@@ -199,6 +199,8 @@ class TrainConfig(_Strict):
     noise_offset: float = 0.0
     checkpointing_steps: int | None = Field(None, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
+    resume_from_checkpoint: str | None = Field(None, description="`latest` (this job's newest checkpoint) or a "
+                                               "checkpoint folder; the run goes on from its step")  # fmt: skip
     log_every: int = Field(1, gt=0)
     seed: int = 0
     scaling: ScalingSettings = ScalingSettings()

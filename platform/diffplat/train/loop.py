@@ -8,6 +8,7 @@ workers sit on other machines.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -15,6 +16,11 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("diffplat")
+
+# Inside every checkpoint this loop reports:
+ADAPTER_DIR = "adapter"  # the adapter, in its diffusers format: what the driver copies out
+STATE_DIR, STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer, scheduler and trainable weights
+STATE_FILE = "trainer_state.json"  # step and micro-step reached, number of workers
 
 
 def _setup_accelerator() -> None:
@@ -94,13 +100,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
     info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world}
 
     def report(step: int, metrics: dict, save: bool) -> None:
-        # Every rank calls report (it is a barrier); only rank 0 attaches the adapter.
-        if save and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = objective.save(engine.module, Path(tmp) / "adapter", {**info, "step": step, **metrics})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
-        else:
+        """Every rank calls report (it is a barrier). A checkpoint holds the adapter (rank 0),
+        DeepSpeed's state (each rank its optimizer partition; Ray merges the ranks' folders)
+        and the step, so a run can go on from it."""
+        if not save:
             ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(str(Path(tmp) / STATE_DIR), tag=STATE_TAG, exclude_frozen_parameters=True)
+            if rank == 0:
+                objective.save(engine.module, Path(tmp) / ADAPTER_DIR, {**info, "step": step, **metrics})
+                (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step, "micro": micro, "workers": world}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    step, micro, loss = 0, 0, None
+    # After a lost worker Ray hands back this run's last checkpoint; else the one asked for.
+    resume = ray.train.get_checkpoint() or (Checkpoint.from_directory(loop_config["resume"])
+                                            if loop_config.get("resume") else None)  # fmt: skip
+    if resume is not None:
+        with resume.as_directory() as folder:
+            engine.load_checkpoint(str(Path(folder) / STATE_DIR), tag=STATE_TAG, load_module_strict=False)
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+        step, micro = state["step"], state["micro"]
+        if rank == 0:
+            log.info("train: resumed at step %d from %s", step, resume.path)
 
     def validate(step: int) -> None:
         """Rank 0 draws the validation picture with the adapter as it is at `step`."""
@@ -117,7 +140,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("train: validation images at step %d (%.1f s)", step, time.perf_counter() - start)
 
     every = config.validation.every_n_steps
-    step, micro, loss = 0, 0, None
     # Losses add up on the device and are read once per log line: .item() each step would
     # make the GPU wait for the host.
     window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
@@ -165,4 +187,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "the dataset is smaller than train_batch_size x num_workers"
             )
     validate(step)
-    report(step, {"step": step, "final_loss": loss.item()}, save=True)
+    # A run resumed at its last step takes no step: it saves what it resumed from.
+    report(step, {"step": step, **({"final_loss": loss.item()} if loss is not None else {})}, save=True)

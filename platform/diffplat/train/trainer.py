@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from diffplat.config import ConfigError, TrainConfig
 from diffplat.data.pipeline import training_dataset
 from diffplat.fileio import replace_dir
-from diffplat.train.loop import train_loop_per_worker
+from diffplat.train.loop import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger("diffplat")
 
@@ -65,6 +67,33 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def resume_checkpoint(config: TrainConfig, name: str) -> str | None:
+    """The checkpoint folder that `resume_from_checkpoint` names: `latest` is the newest of
+    this job's earlier runs under storage_path (none yet: a fresh start, as diffusers does)."""
+    value = config.resume_from_checkpoint
+    if value is None:
+        return None
+    if value == "latest":
+        storage = config.scaling.storage_path
+        if "://" in storage:
+            raise ConfigError("train.resume_from_checkpoint: latest needs a local storage_path; name the checkpoint")
+        found = [p.parent for p in Path(storage).glob(f"{name}-*/checkpoint_*/{STATE_FILE}")]
+        if not found:
+            log.info("train: resume_from_checkpoint latest: no checkpoint of %s under %s yet, starting afresh", name, storage)
+            return None
+        folder = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        folder = Path(value)
+        if not (folder / STATE_FILE).is_file():
+            raise ConfigError(f"train.resume_from_checkpoint: {value} is not a checkpoint of a diffplat run (no {STATE_FILE})")
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state["workers"] != config.scaling.num_workers:
+        raise ConfigError(f"train.resume_from_checkpoint: {folder} was written by {state['workers']} workers; "
+                          f"resume with scaling.num_workers: {state['workers']} (optimizer state is split per worker)")  # fmt: skip
+    log.info("train: resuming from %s (step %d)", folder, state["step"])
+    return str(folder)
+
+
 def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, run_id: str | None, name: str) -> dict:
     """Train with `config` (paths already resolved) and write the adapter to `output`."""
     import ray.train
@@ -72,10 +101,15 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
 
     config = check_training_data(config)
     scaling = config.scaling
+    resume = resume_checkpoint(config, name)
+    # Each run gets its own folder: Ray Train would otherwise hand a rerun the previous run's
+    # checkpoint. Going on from one is asked for explicitly, with resume_from_checkpoint.
+    run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip, config.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "resume": resume},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -83,7 +117,7 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=run_name,
             storage_path=scaling.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
         ),
@@ -96,6 +130,6 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
         raise RuntimeError("train: the run ended without saving an adapter")
     with replace_dir(output) as tmp:
         with result.checkpoint.as_directory() as folder:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
     log.info("train: adapter written to %s", output)
     return dict(result.metrics or {})
