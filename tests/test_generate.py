@@ -72,10 +72,11 @@ def test_prompts_come_from_list_and_file_and_missing_file_is_named(tmp_path):
     from diffplat.infer.generate import generation_requests, read_prompts
 
     (tmp_path / "p.txt").write_text("one\n# skipped\n\ntwo\n")
-    config = GenerateConfig(base_model="m", prompts=["zero"], prompts_file="p.txt", num_generations=2, seed=5)
-    prompts = read_prompts(config, tmp_path / "p.txt")
+    config = GenerateConfig(base_model="m", prompts=["zero"], prompts_file=str(tmp_path / "p.txt"), num_generations=2,
+                            seed=5)  # fmt: skip
+    prompts = read_prompts(config)
     assert prompts == ["zero", "one", "two"]
     rows = generation_requests(config, prompts)
     assert [(r["index"], r["prompt"], r["seed"]) for r in rows[:3]] == [(0, "zero", 5), (1, "zero", 6), (2, "one", 7)]
     with pytest.raises(FileNotFoundError, match="generate.prompts_file: .*nope.txt is not a file"):
-        read_prompts(config, tmp_path / "nope.txt")
+        read_prompts(config.model_copy(update={"prompts_file": str(tmp_path / "nope.txt")}))

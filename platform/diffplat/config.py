@@ -97,10 +97,32 @@ class CompositeSource(_Strict):
         return self
 
 
+class PairsSource(_Strict):
+    """Images with conditioning images (ControlNet): two folders paired by base name, or
+    source 4's ControlNet CSV index."""
+
+    images: str | None = Field(None, description="folder of images")
+    conditioning: str | None = Field(None, description="folder of conditioning images, paired by base name")
+    captions: str | None = Field(None, description="folder of <image stem>.txt; default: beside the images")
+    csv: str | None = Field(None, description="source 4's bdd_hf_dataset_controlnet_train.csv, instead of folders")
+    image_column: str = "image"
+    conditioning_column: str = "conditioning_image"
+    caption_column: str = "text"
+    segmentation: bool = Field(True, description="conditioning images are segmentation masks (grey train ids or "
+                               "colour maps): checked and stored as the palette map")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "PairsSource":
+        if self.csv is None and (self.images is None or self.conditioning is None):
+            raise ValueError("give `images` and `conditioning` folders, or a `csv` index")
+        return self
+
+
 class PrepareConfig(_Strict):
-    source: Literal["bdd", "composites"] = "bdd"
+    source: Literal["bdd", "composites", "pairs"] = "bdd"
     bdd: BddSource | None = None
     composites: CompositeSource | None = None
+    pairs: PairsSource | None = None
     output: str = "data"
     rows_per_shard: int = Field(256, gt=0)
     caption_prefix: str = ""
@@ -158,16 +180,21 @@ class ValidationSettings(_Strict):
     """Images made with the adapter as it trains, logged to MLflow as one grid per time."""
 
     every_n_steps: int | None = Field(None, gt=0, description="None: only at the end")
-    prompts: list[str] = Field(default_factory=list, description="lora; ic_lora fills composites from the data")
-    num_images: int = Field(2, gt=0, description="ic_lora: how many training composites to fill")
+    prompts: list[str] = Field(default_factory=list, description="lora; ic_lora and controlnet use training rows")
+    num_images: int = Field(2, gt=0, description="ic_lora, controlnet: how many training rows to draw from")
     panels: list[int] | None = Field(None, description="ic_lora: panels to fill; None: the second half")
     num_inference_steps: int = Field(20, gt=0)
     guidance_scale: float = 5.0
     seed: int = 0
 
 
+class ControlNetSettings(_Strict):
+    init: str | None = Field(None, description="an existing ControlNet (folder or hub id) to go on from; "
+                             "None: a new one from the base UNet")  # fmt: skip
+
+
 class TrainConfig(_Strict):
-    kind: Literal["lora", "ic_lora"] = "lora"
+    kind: Literal["lora", "ic_lora", "controlnet"] = "lora"
     base_model: str = Field(description="hub id or local folder of an SDXL pipeline")
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
     variant: str | None = None
@@ -178,7 +205,10 @@ class TrainConfig(_Strict):
     random_flip: bool = False
     lora: LoraSettings = LoraSettings()
     ic_lora: IcLoraSettings = IcLoraSettings()
+    controlnet: ControlNetSettings = ControlNetSettings()
     validation: ValidationSettings = ValidationSettings()
+    proportion_empty_prompts: float = Field(0.0, ge=0, le=1, description="share of captions replaced by the empty "
+                                            "prompt (classifier-free guidance)")  # fmt: skip
     max_token_length: TokenLength = Field(75, description="caption tokens kept: 75 is one CLIP window (stock "
                                           "diffusers); 150 or 225 keep long multi-scene captions whole")  # fmt: skip
     learning_rate: float = Field(1e-4, gt=0)
@@ -248,8 +278,21 @@ class PanelFillSettings(_Strict):
         return self
 
 
+class MapGenerateSettings(_Strict):
+    """generate kind controlnet: one image per segmentation map (source 4's ControlNet inference)."""
+
+    model: str = Field(description="the ControlNet: a save_pretrained folder or hub id")
+    maps: str = Field(description="folder of maps: grey train-id masks or colour maps (or any image, "
+                      "with segmentation: false)")  # fmt: skip
+    conditioning_scale: float = Field(1.0, ge=0, description="controlnet_conditioning_scale")
+    captions: str | None = Field(None, description="folder of <image stem>.txt prompts")
+    bdd_labels: list[str] = Field(default_factory=list, description="BDD label JSON: prompts captioned from labels")
+    segmentation: bool = True
+    save_comparison: bool = True
+
+
 class GenerateConfig(_Strict):
-    kind: Literal["text_to_image", "ic_lora"] = "text_to_image"
+    kind: Literal["text_to_image", "ic_lora", "controlnet"] = "text_to_image"
     base_model: str
     lora: str | None = None
     vae: str | None = None
@@ -271,7 +314,9 @@ class GenerateConfig(_Strict):
     cpus_per_replica: float = Field(1, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output: str = "generations"
+    max_images: int | None = Field(None, gt=0, description="make at most this many images")
     ic_lora: PanelFillSettings | None = None
+    controlnet: MapGenerateSettings | None = None
 
     @field_validator("resolution")
     @classmethod
@@ -283,6 +328,9 @@ class GenerateConfig(_Strict):
         if self.kind == "ic_lora":
             if self.ic_lora is None:
                 raise ValueError("kind: ic_lora needs an `ic_lora` section (inputs, panels_to_inpaint, ...)")
+        elif self.kind == "controlnet":
+            if self.controlnet is None:
+                raise ValueError("kind: controlnet needs a `controlnet` section (model, maps, ...)")
         elif not self.prompts and not self.prompts_file:
             raise ValueError("give `prompts` or `prompts_file`")
         return self

@@ -1,8 +1,8 @@
 """`diffplat demo`: the whole pipeline on one machine, on inputs it makes itself.
 
-Two jobs on one local Ray, each a recipe shipped in the package: `demo.yaml` (BDD -> text-to-image
-LoRA -> generation -> YOLO filter) and `demo_ic_lora.yaml` (BDD -> composites -> In-Context LoRA
--> panel filling).
+Three jobs on one local Ray, each a recipe shipped in the package: `demo.yaml` (BDD -> text-to-image
+LoRA -> generation -> YOLO filter), `demo_ic_lora.yaml` (BDD -> composites -> In-Context LoRA ->
+panel filling) and `demo_controlnet.yaml` (BDD masks -> ControlNet -> images from maps -> filter).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from diffplat.runner import JobResult, ray_session, run_job
 
 log = logging.getLogger("diffplat")
 
-DEMO_JOBS = {"lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml"}
+# In this order: the ControlNet leg trains on the shards the LoRA leg's prepare wrote.
+DEMO_JOBS = {"lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml", "controlnet": "demo_controlnet.yaml"}
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:
@@ -51,7 +52,7 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     write_synthetic_bdd(out / "bdd", num_images=24)
     setup = time.perf_counter() - start
     results = {}
-    with ray_session(configs["lora"].ray):  # one Ray for both jobs
+    with ray_session(configs["lora"].ray):  # one Ray for every job
         for leg, config in configs.items():
             log.info("demo: job %s (%s)", config.name, DEMO_JOBS[leg])
             results[leg] = run_job(config, out)
@@ -67,9 +68,10 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
             lines.append(f"  {leg if i == 0 else '':<9} {stage:<9} {secs:7.1f} s")
             total += secs
     lines.append(f"  {'total':<19} {total:7.1f} s")
-    lora, ic = results["lora"].outputs, results["ic_lora"].outputs
+    lora, ic, cn = results["lora"].outputs, results["ic_lora"].outputs, results["controlnet"].outputs
     prep, train, gen, filt = (lora.get(k, {}) for k in ("prepare", "train", "generate", "filter"))
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
+    cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
     lines += [
         "",
         f"  base models  {out / 'base-model'}, {out / 'base-model-inpaint'}",
@@ -80,6 +82,9 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
         f"  composites   {out / 'data-ic/composites'}  ({ic_prep.get('rows_written')} of layout {ic_prep.get('layout')})",
         f"  ic_lora      {out / 'adapters/ic_lora'}  (final loss {ic_train.get('final_loss', float('nan')):.4f})",
         f"  fills        {out / 'ic_lora'}  ({ic_gen.get('images')} composites, panels 2 3 filled, comparisons/)",
+        f"  controlnet   {out / 'adapters/controlnet'}  (final loss {cn_train.get('final_loss', float('nan')):.4f})",
+        f"  from maps    {out / 'controlnet'}  ({cn_gen.get('images')} images, comparisons/; "
+        f"filter kept {cn_filt.get('kept')} of {cn_filt.get('images')})",
         f"  mlflow       {results['lora'].tracking_uri}",
         "",
         "Open the MLflow dashboard on it:",

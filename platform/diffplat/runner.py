@@ -94,15 +94,23 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     from diffplat.infer.generate import run_generation
 
     c = config.generate
-    resolved = c.model_copy(update={
+    update = {
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
         "lora": str(work.path(c.lora)) if c.lora else None,
-    })  # fmt: skip
+        "prompts_file": str(work.path(c.prompts_file)) if c.prompts_file else None,
+    }
+    if c.ic_lora:
+        update["ic_lora"] = c.ic_lora.model_copy(update={"inputs": str(work.path(c.ic_lora.inputs))})
+    if c.controlnet:
+        n = c.controlnet
+        update["controlnet"] = n.model_copy(update={
+            "model": work.model(n.model), "maps": str(work.path(n.maps)),
+            "captions": str(work.path(n.captions)) if n.captions else None,
+            "bdd_labels": [str(work.path(p)) for p in n.bdd_labels]})  # fmt: skip
     output = work.path(c.output)
-    inputs = work.path(c.ic_lora.inputs) if c.ic_lora else None
-    result = run_generation(resolved, output, work.path(c.prompts_file) if c.prompts_file else None, inputs)
-    tracking.log_metrics({"images": result["images"], "images_per_s": result["images_per_s"]})
+    result = run_generation(c.model_copy(update=update), output)
+    tracking.log_metrics({k: result[k] for k in ("images", "skipped", "images_per_s")})
     tracking.log_artifacts(output / "metadata.jsonl")
     _log_sheet(output / "images", output / "contact_sheet.png")
     _log_sheet(output / "comparisons", output / "comparison_sheet.png", columns=1, thumb_width=768)

@@ -175,6 +175,53 @@ def colorize_mask(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+class MaskError(ValueError):
+    """A segmentation mask that cannot be used; the message names the file and the reason."""
+
+
+# Palette colour (packed as 0xRRGGBB) -> train id; black is BDD's colour for "ignore".
+_COLOUR_IDS = {(int(r) << 16) | (int(g) << 8) | int(b): i for i, (r, g, b) in enumerate(SEG_PALETTE)}
+_COLOUR_IDS[0] = SEG_IGNORE
+
+
+def mask_to_ids(array: np.ndarray, name: str) -> np.ndarray:
+    """Train ids (H, W) from either form BDD ships: a grey train-id mask (0-18, 255 = ignore), or
+    a colour map in the Cityscapes palette (black = ignore). An RGB image whose three channels are
+    equal and hold only train ids is a grey mask saved as RGB."""
+    if array.ndim == 3:
+        rgb = array[..., :3]
+        grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        if grey and np.isin(rgb[..., 0], [*range(len(SEG_CLASSES)), SEG_IGNORE]).all():
+            array = rgb[..., 0]
+        else:
+            packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+            colours, inverse = np.unique(packed, return_inverse=True)
+            unknown = [c for c in colours.tolist() if c not in _COLOUR_IDS]
+            if unknown:
+                shown = ", ".join(f"#{c:06x}" for c in unknown[:3])
+                raise MaskError(f"{name}: colour map has colours outside the BDD palette ({len(unknown)}: {shown})")
+            ids = np.array([_COLOUR_IDS[c] for c in colours.tolist()], dtype=np.uint8)
+            return ids[inverse.reshape(packed.shape)]
+    values = np.unique(array)
+    bad = [int(v) for v in values if not (0 <= v < len(SEG_CLASSES) or v == SEG_IGNORE)]
+    if bad:
+        raise MaskError(f"{name}: mask has ids outside 0-18 and 255 ({', '.join(map(str, bad[:5]))})")
+    return array.astype(np.uint8)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file (grey train ids or colour map) as train ids; MaskError names what is wrong."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.asarray(img.convert("RGB") if img.mode in ("P", "RGBA", "LA") else img)
+    except OSError as err:
+        raise MaskError(f"{Path(path).name}: cannot read the mask ({err})") from None
+    return mask_to_ids(array, Path(path).name)
+
+
 def find_mask(folder: Path | None, image_name: str) -> Path | None:
     """BDD names masks `<stem>_train_id.png` (10K release) or `<stem>.png` (sem_seg masks)."""
     if folder is None:

@@ -17,61 +17,80 @@ class ToTrainingArrays:
     Keeps the original size and the crop's top-left corner: SDXL is conditioned on both.
     A composite (a row with a layout) is resized to (width, height) whole and never flipped: a
     crop would cut panels and a flip would swap them against their caption's scene order.
+    With `conditioning` (ControlNet), each row's conditioning image goes through exactly the same
+    resize, crop and flip as its image (nearest-neighbour, so a segmentation map keeps its
+    palette colours), and rows without one are left out.
     Undecodable rows are dropped with a warning (prepare has already checked them once).
     """
 
-    def __init__(self, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int):
+    def __init__(self, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
+                 conditioning: bool = False):  # fmt: skip
         self.width, self.height = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.conditioning = conditioning
         self.rng = np.random.default_rng(seed)
 
-    def _one(self, data: bytes, layout: str | None = None):
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            original = (img.height, img.width)
-            if layout:
-                img = img.resize((self.width, self.height), Image.BICUBIC)
-                return (np.asarray(img, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1), original, (0, 0)
-            scale = max(self.width / img.width, self.height / img.height)
-            size = (max(self.width, round(img.width * scale)), max(self.height, round(img.height * scale)))
-            img = img.resize(size, Image.BICUBIC)
+    def _geometry(self, width: int, height: int, layout: str | None):
+        """(resized size, crop box, flip) for one row."""
+        if layout:
+            return (self.width, self.height), (0, 0, self.width, self.height), False
+        scale = max(self.width / width, self.height / height)
+        size = (max(self.width, round(width * scale)), max(self.height, round(height * scale)))
         spare_x, spare_y = size[0] - self.width, size[1] - self.height
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left, top = int(self.rng.integers(0, spare_x + 1)), int(self.rng.integers(0, spare_y + 1))
-        img = img.crop((left, top, left + self.width, top + self.height))
-        pixels = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        if self.random_flip and self.rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-            left = spare_x - left
-        return pixels.transpose(2, 0, 1), original, (top, left)
+        flip = bool(self.random_flip and self.rng.random() < 0.5)
+        return size, (left, top, left + self.width, top + self.height), flip
+
+    @staticmethod
+    def _apply(data: bytes, size, box, flip: bool, resample) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB").resize(size, resample).crop(box)
+        pixels = np.asarray(img, dtype=np.float32)
+        return (pixels[:, ::-1] if flip else pixels).transpose(2, 0, 1)
+
+    def _one(self, data: bytes, layout: str | None = None, conditioning: bytes | None = None):
+        with Image.open(io.BytesIO(data)) as img:
+            original = (img.height, img.width)
+        size, box, flip = self._geometry(original[1], original[0], layout)
+        pixels = self._apply(data, size, box, flip, Image.BICUBIC) / 127.5 - 1.0
+        cond = self._apply(conditioning, size, box, flip, Image.NEAREST) / 255.0 if conditioning else None
+        left = size[0] - box[2] if flip else box[0]  # SDXL's crop coordinate, as seen after the flip
+        return pixels, original, (box[1], left), cond
 
     def __call__(self, batch: dict) -> dict:
-        pixels, originals, crops, captions, layouts = [], [], [], [], []
-        for row_id, data, caption, layout in zip(batch["id"], batch["image"], batch["caption"], batch["layout"]):
+        out = {k: [] for k in ("pixel_values", "original_size", "crop_top_left", "caption", "layout", "conditioning_pixel_values")}
+        conditionings = batch["conditioning"] if self.conditioning else [None] * len(batch["id"])
+        for row_id, data, caption, layout, cond in zip(batch["id"], batch["image"], batch["caption"], batch["layout"],
+                                                       conditionings):  # fmt: skip
+            if self.conditioning and cond is None:
+                continue  # e.g. a BDD image with labels but no mask
             try:
-                p, o, c = self._one(data, layout)
+                p, o, c, k = self._one(data, layout, cond)
             except Exception as err:  # a bad row must not stop a long training run
                 log.warning("skipping row %s: cannot decode image (%s)", row_id, err)
                 continue
-            pixels.append(p)
-            originals.append(o)
-            crops.append(c)
-            captions.append(caption)
-            layouts.append(layout or "")
-        shape = (0, 3, self.height, self.width)
-        return {
-            "pixel_values": np.stack(pixels) if pixels else np.zeros(shape, np.float32),
-            "original_size": np.array(originals, dtype=np.int64).reshape(-1, 2),
-            "crop_top_left": np.array(crops, dtype=np.int64).reshape(-1, 2),
-            "caption": np.array(captions, dtype=object),
-            "layout": np.array(layouts, dtype=object),
+            for key, value in zip(out, (p, o, c, caption, layout or "", k)):
+                out[key].append(value)
+        empty = np.zeros((0, 3, self.height, self.width), np.float32)
+        arrays = {
+            "pixel_values": np.stack(out["pixel_values"]).astype(np.float32) if out["caption"] else empty,
+            "original_size": np.array(out["original_size"], dtype=np.int64).reshape(-1, 2),
+            "crop_top_left": np.array(out["crop_top_left"], dtype=np.int64).reshape(-1, 2),
+            "caption": np.array(out["caption"], dtype=object),
+            "layout": np.array(out["layout"], dtype=object),
         }
+        if self.conditioning:
+            stacked = out["conditioning_pixel_values"]
+            arrays["conditioning_pixel_values"] = np.stack(stacked).astype(np.float32) if stacked else empty
+        return arrays
 
 
-def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int):
+def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
+                     conditioning: bool = False):  # fmt: skip
     import ray.data
 
     from diffplat.data.shards import shard_files
@@ -84,11 +103,12 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     # in bench/data_decode.py). The dataset keeps the context it was created with.
     context.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet(files, columns=["id", "image", "caption", "layout"])
+        columns = ["id", "image", "caption", "layout"] + (["conditioning"] if conditioning else [])
+        ds = ray.data.read_parquet(files, columns=columns)
     finally:
         context.use_datasource_v2 = before
     # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
     # machine the reader then waits forever for the CPU the training workers left over.
     return ds.map_batches(
-        ToTrainingArrays(resolution, center_crop, random_flip, seed), batch_size=16, batch_format="numpy"
+        ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning), batch_size=16, batch_format="numpy"
     )

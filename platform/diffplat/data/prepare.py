@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, composite_rows
+from diffplat.data.pairs_source import pair_rows
 from diffplat.data.shards import write_shards
 from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
 from diffplat.pictures import list_images
@@ -43,7 +44,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def prepare(config: PrepareConfig, resolve) -> dict:
     """The stage: the configured source -> shards, index files and prepare_report.json."""
-    return {"bdd": prepare_bdd, "composites": prepare_composites}[config.source](config, resolve)
+    return {"bdd": prepare_bdd, "composites": prepare_composites, "pairs": prepare_pairs}[config.source](config, resolve)
 
 
 def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path) -> dict:
@@ -94,6 +95,24 @@ def prepare_composites(config: PrepareConfig, resolve) -> dict:
     return report
 
 
+def prepare_pairs(config: PrepareConfig, resolve) -> dict:
+    """Image + conditioning pairs (folders or source 4's CSV) -> shards + index_controlnet.jsonl."""
+    c = config.pairs
+    out = resolve(config.output)
+    for field in ("images", "conditioning", "captions"):
+        value = getattr(c, field)
+        if value is not None and not c.csv and not resolve(value).is_dir():
+            raise FileNotFoundError(f"prepare.pairs.{field}: {resolve(value)} is not a folder")
+    skips, index = Skips(), []
+    with replace_dir(out / "shards") as shards_tmp:
+        shards = write_shards(pair_rows(c, resolve, skips, index), shards_tmp, config.rows_per_shard)
+        report = {"source": "pairs:csv" if c.csv else "pairs:folders", "rows_written": len(index),
+                  "skipped": skips.reasons, "shards": [p.name for p in shards]}  # fmt: skip
+        _finish(out, report, skips.items, len(index) + len(skips.items), resolve(c.csv or c.images))
+    write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+    return report
+
+
 def prepare_bdd(config: PrepareConfig, resolve) -> dict:
     """BDD images + labels + masks -> shards. `resolve` turns config paths into real paths."""
     src = config.bdd
@@ -128,7 +147,12 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
                 continue
             frame = frames.get(path.name)
             mask_path = bdd.find_mask(masks_dir, path.name)
-            mask = np.asarray(Image.open(mask_path)) if mask_path else None
+            try:
+                mask = bdd.read_mask(mask_path) if mask_path else None
+            except bdd.MaskError as err:
+                skipped.append(str(err))
+                reasons["bad mask"] += 1
+                mask = None
             if mask is not None and mask.shape[:2] != (height, width):
                 skipped.append(f"{mask_path.name}: mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
                 reasons["mask size differs from image"] += 1

@@ -18,8 +18,9 @@ from diffplat.fileio import replace_dir
 log = logging.getLogger("diffplat")
 
 
-def read_prompts(config: GenerateConfig, prompts_file: Path | None) -> list[str]:
+def read_prompts(config: GenerateConfig) -> list[str]:
     prompts = list(config.prompts)
+    prompts_file = Path(config.prompts_file) if config.prompts_file else None
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise FileNotFoundError(f"generate.prompts_file: {prompts_file} is not a file")
@@ -40,13 +41,14 @@ def generation_requests(config: GenerateConfig, prompts: list[str]) -> list[dict
     return rows
 
 
-def fill_requests(config: GenerateConfig, inputs: Path) -> tuple[list[dict], list[str]]:
+def fill_requests(config: GenerateConfig) -> tuple[list[dict], list[str]]:
     """One row per filled composite (`num_generations` per input), and the inputs skipped, each
     with its reason. A composite's prompt is its same-named .txt, else the first of `prompts`."""
     from diffplat.data.composite_source import read_caption
     from diffplat.data.composites import CompositeError
     from diffplat.pictures import list_images
 
+    inputs = Path(config.ic_lora.inputs)
     if not inputs.is_dir():
         raise FileNotFoundError(f"generate.ic_lora.inputs: {inputs} is not a folder")
     rows, skipped = [], []
@@ -88,7 +90,12 @@ class Generator:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = DTYPES[c.dtype]
         self.max_token_length = c.max_token_length or (adapter_info(c.lora).get("max_token_length", 75) if c.lora else 75)
-        if c.kind == "ic_lora":
+        if c.kind == "controlnet":
+            from diffplat.infer.controlnet import load_controlnet_pipeline
+
+            self.pipe = load_controlnet_pipeline(c.base_model, c.controlnet.model, c.lora, c.vae, c.variant, dtype,
+                                                 c.scheduler)  # fmt: skip
+        elif c.kind == "ic_lora":
             from diffplat.infer.panels import FillOptions, load_fill_pipeline
 
             self.pipe = load_fill_pipeline(c.base_model, c.lora, c.vae, c.variant, dtype, c.scheduler)
@@ -111,7 +118,8 @@ class Generator:
         import numpy as np
 
         start = time.perf_counter()
-        out = self._fill(batch) if self.config.kind == "ic_lora" else self._text(batch)
+        run = {"text_to_image": self._text, "ic_lora": self._fill, "controlnet": self._from_maps}[self.config.kind]
+        out = run(batch)
         count = len(batch["index"])
         out.update({"index": batch["index"], "prompt": batch["prompt"], "seed": batch["seed"],
                     "seconds": np.full(count, (time.perf_counter() - start) / count)})  # fmt: skip
@@ -166,22 +174,69 @@ class Generator:
                 "comparison": np.array(comparisons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
 
 
-def run_generation(config: GenerateConfig, output: Path, prompts_file: Path | None = None,
-                   inputs: Path | None = None) -> dict:  # fmt: skip
+    def _from_maps(self, batch: dict) -> dict:
+        """One map at a time (each is read and checked here, on the replica)."""
+        import numpy as np
+        import torch
+
+        from diffplat.data.bdd import MaskError
+        from diffplat.data.composites import side_by_side
+        from diffplat.infer.controlnet import load_map
+        from diffplat.infer.panels import prompt_keywords
+
+        c, n = self.config, self.config.controlnet
+        pngs, comparisons, errors = [], [], []
+        for path, prompt, seed in zip(batch["input"], batch["prompt"], batch["seed"]):
+            try:
+                cond = load_map(path, c.resolution, n.segmentation)
+            except (OSError, MaskError) as err:  # one bad map must not end a bulk run
+                pngs.append(b"")
+                comparisons.append(b"")
+                errors.append(str(err) if isinstance(err, MaskError) else f"{Path(path).name}: {err}")
+                continue
+            image = self.pipe(
+                **prompt_keywords(self.pipe, [str(prompt)], [c.negative_prompt], self.max_token_length),
+                image=cond, controlnet_conditioning_scale=n.conditioning_scale, width=c.resolution[0],
+                height=c.resolution[1], num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                generator=torch.Generator(self.device).manual_seed(int(seed)),
+                cross_attention_kwargs={"scale": c.adapter_scale} if c.lora else None,
+            ).images[0]  # fmt: skip
+            pngs.append(_png(image))
+            comparisons.append(_png(side_by_side([cond, image])) if n.save_comparison else b"")
+            errors.append("")
+        return {"name": batch["name"], "input": batch["input"], "png": np.array(pngs, dtype=object),
+                "comparison": np.array(comparisons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
+
+
+def requests_for(config: GenerateConfig) -> tuple[list[dict], list[str]]:
+    """Every image the job asks for, one row each, and the inputs skipped with their reasons."""
+    if config.kind == "ic_lora":
+        requests, skipped = fill_requests(config)
+        what = f"filling panels {config.ic_lora.panels_to_inpaint} of composites in {config.ic_lora.inputs}"
+    elif config.kind == "controlnet":
+        from diffplat.infer.controlnet import map_requests
+
+        n = config.controlnet
+        requests, skipped = map_requests(config, Path(n.maps), Path(n.captions) if n.captions else None,
+                                         [Path(p) for p in n.bdd_labels])  # fmt: skip
+        what = f"from maps in {n.maps}"
+    else:
+        prompts = read_prompts(config)
+        requests, skipped = generation_requests(config, prompts), []
+        what = f"from {len(prompts)} prompts"
+    if config.max_images is not None:
+        requests = requests[: config.max_images]
+    if not requests:
+        raise ValueError(f"generate: nothing to make ({what}); first problems: " + "; ".join(skipped[:5]))
+    log.info("generate: %d images %s on %d replica(s)", len(requests), what, config.replicas)
+    return requests, skipped
+
+
+def run_generation(config: GenerateConfig, output: Path) -> dict:
     """Generate every image of `config` (paths already resolved) into the folder `output`."""
     import ray.data
 
-    skipped: list[str] = []
-    if config.kind == "ic_lora":
-        requests, skipped = fill_requests(config, inputs)
-        if not requests:
-            raise ValueError(f"generate: no composite in {inputs} can be filled: " + "; ".join(skipped[:5]))
-        log.info("generate: filling panels %s of %d composites on %d replica(s)", config.ic_lora.panels_to_inpaint,
-                 len(requests) // config.num_generations, config.replicas)  # fmt: skip
-    else:
-        prompts = read_prompts(config, prompts_file)
-        requests = generation_requests(config, prompts)
-        log.info("generate: %d images from %d prompts on %d replica(s)", len(requests), len(prompts), config.replicas)
+    requests, skipped = requests_for(config)
     ds = ray.data.from_items(requests).map_batches(
         Generator,
         fn_constructor_args=(config.model_dump(mode="json"),),
@@ -224,6 +279,9 @@ def run_generation(config: GenerateConfig, output: Path, prompts_file: Path | No
                     s = config.ic_lora
                     record.update({"input": row["input"], "layout": s.layout, "panels": s.panels_to_inpaint,
                                    "strength": s.strength, "gradient_width": s.gradient_width if s.use_gradient_mask else 0})  # fmt: skip
+                elif config.kind == "controlnet":
+                    record.update({"map": row["input"], "controlnet": config.controlnet.model, "width": width,
+                                   "height": height, "conditioning_scale": config.controlnet.conditioning_scale})  # fmt: skip
                 else:
                     record.update({"width": width, "height": height})
                 meta.write(json.dumps(record) + "\n")

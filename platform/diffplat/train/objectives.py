@@ -27,29 +27,29 @@ def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target: t
     return torch.cat([original_size, crop_top_left, target_hw], dim=1)
 
 
-class LoraObjective:
-    """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora_sdxl.py)."""
+class DiffusionObjective:
+    """What every kind shares: frozen text encoders and VAE, SDXL's conditioning, noise and
+    timesteps, the loss. A kind says what trains (`module`), what the UNet sees, and how the
+    result is saved."""
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = device
         self.parts = load_sdxl_parts(config.base_model, config.vae, config.variant)
-        weight_dtype = DTYPES[config.mixed_precision]
+        self.weight_dtype = DTYPES[config.mixed_precision]
         for frozen in (self.parts.text_encoder, self.parts.text_encoder_2):
-            frozen.requires_grad_(False).to(device, weight_dtype).eval()
+            frozen.requires_grad_(False).to(device, self.weight_dtype).eval()
         # The SDXL VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE is given.
-        vae_dtype = weight_dtype if (config.vae and weight_dtype != torch.float32) else torch.float32
+        vae_dtype = self.weight_dtype if (config.vae and self.weight_dtype != torch.float32) else torch.float32
         self.parts.vae.requires_grad_(False).to(device, vae_dtype).eval()
-        self.lora_config = add_lora(self.parts.unet, config.lora)
-        if config.gradient_checkpointing:
-            self.parts.unet.enable_gradient_checkpointing()
-        self.parts.unet.to(device)
         self.scheduler = self.parts.noise_scheduler
         self.prediction_type = self.scheduler.config.prediction_type
+        # Caption dropout draws from its own generator (the loop seeded torch with seed + rank).
+        self.caption_rng = torch.Generator().manual_seed(torch.initial_seed() + 104729)
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.parts.unet
+        raise NotImplementedError
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         latents = self.parts.vae.encode(pixels).latent_dist.sample(generator)
@@ -59,9 +59,19 @@ class LoraObjective:
         """What the UNet sees and the loss weight of each latent cell (None: all alike)."""
         return noisy, None
 
+    def predict(self, model, unet_input, t, prompt_embeds, added_cond_kwargs, batch) -> torch.Tensor:
+        """The UNet's prediction; `model` is the trained module (under DeepSpeed)."""
+        dtype = next(model.parameters()).dtype
+        added = {k: v.to(dtype) for k, v in added_cond_kwargs.items()}
+        return model(unet_input.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added,
+                     return_dict=False)[0]  # fmt: skip
+
     def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
         pixels = torch.as_tensor(batch["pixel_values"]).to(self.device, self.parts.vae.dtype)
         captions = [str(c) for c in batch["caption"]]
+        if self.config.proportion_empty_prompts:  # diffusers' --proportion_empty_prompts
+            drop = torch.rand(len(captions), generator=self.caption_rng) < self.config.proportion_empty_prompts
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
             latents = self.encode_images(pixels, generator)
             prompt_embeds, pooled = encode_prompts((self.parts.tokenizer, self.parts.tokenizer_2),
@@ -80,29 +90,55 @@ class LoraObjective:
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
         with torch.no_grad():
             unet_input, weights = self.model_input(noisy, pixels, batch, generator)
-        dtype = next(model.parameters()).dtype
-        pred = model(
-            unet_input.to(dtype),
-            t,
-            encoder_hidden_states=prompt_embeds.to(dtype),
-            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)},
-            return_dict=False,
-        )[0]
+        pred = self.predict(model, unet_input, t, prompt_embeds, {"text_embeds": pooled, "time_ids": ids}, batch)
         if weights is None:
             return F.mse_loss(pred.float(), target.float())
         squared = (pred.float() - target.float()) ** 2
         return (squared * weights).sum() / (weights.sum() * squared.shape[1]).clamp_min(1e-8)
 
-    def _pipeline(self, module, pipeline_class, **extra):
+    def _pipeline(self, pipeline_class, **components):
         """A sampling pipeline around the parts being trained (no copies: the live adapter)."""
         from diffusers import EulerDiscreteScheduler
 
         p = self.parts
-        pipe = pipeline_class(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
-                              tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2, unet=module,
-                              scheduler=EulerDiscreteScheduler.from_config(self.scheduler.config), **extra)  # fmt: skip
+        parts = dict(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2, tokenizer=p.tokenizer,
+                     tokenizer_2=p.tokenizer_2, unet=p.unet,
+                     scheduler=EulerDiscreteScheduler.from_config(self.scheduler.config))  # fmt: skip
+        pipe = pipeline_class(**{**parts, **components})
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def validation_rows(self, columns: list[str], where=None) -> list[dict]:
+        """The first validation.num_images training rows (rank 0 reads them from the shards once)."""
+        from diffplat.data.shards import iter_rows
+
+        if "://" in self.config.data:
+            return []
+        if not hasattr(self, "_validation_rows"):
+            rows = (r for r in iter_rows(Path(self.config.data), columns=columns) if where is None or where(r))
+            self._validation_rows = [row for _, row in zip(range(self.config.validation.num_images), rows)]
+        return self._validation_rows
+
+    def validation_grid(self, module):
+        raise NotImplementedError
+
+    def made_how(self) -> dict:
+        raise NotImplementedError
+
+
+class LoraObjective(DiffusionObjective):
+    """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora_sdxl.py)."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__(config, device)
+        self.lora_config = add_lora(self.parts.unet, config.lora)
+        if config.gradient_checkpointing:
+            self.parts.unet.enable_gradient_checkpointing()
+        self.parts.unet.to(device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.parts.unet
 
     def validation_grid(self, module):
         """One picture of the adapter as it is now: the validation prompts, fixed seeds (None
@@ -114,7 +150,7 @@ class LoraObjective:
         v = self.config.validation
         if not v.prompts:
             return None
-        pipe = self._pipeline(module, StableDiffusionXLPipeline)
+        pipe = self._pipeline(StableDiffusionXLPipeline, unet=module)
         width, height = self.config.resolution
         images = [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
                        guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
@@ -192,20 +228,13 @@ class IcLoraObjective(LoraObjective):
         from diffusers import StableDiffusionXLInpaintPipeline
         from PIL import Image
 
-        from diffplat.data.shards import iter_rows
         from diffplat.infer.panels import FillOptions, fill_panels
-
         from diffplat.pictures import grid
 
         v = self.config.validation
-        if "://" in self.config.data:
-            return None
-        if not hasattr(self, "_validation_rows"):
-            rows = iter_rows(Path(self.config.data), columns=["id", "image", "caption", "layout"])
-            self._validation_rows = [row for _, row in zip(range(v.num_images), rows)]
-        pipe = self._pipeline(module, StableDiffusionXLInpaintPipeline, requires_aesthetics_score=False)
+        pipe = self._pipeline(StableDiffusionXLInpaintPipeline, unet=module, requires_aesthetics_score=False)
         strips = []
-        for i, row in enumerate(self._validation_rows):
+        for i, row in enumerate(self.validation_rows(["id", "image", "caption", "layout"])):
             layout = Layout.parse(row["layout"])
             panels = v.panels or list(range(layout.panels // 2, layout.panels))
             with Image.open(io.BytesIO(row["image"])) as img:
@@ -227,4 +256,81 @@ def needs_inpainting_unet(base_model: str, channels: int) -> str:
     )
 
 
-OBJECTIVES = {"lora": LoraObjective, "ic_lora": IcLoraObjective}
+class ControlNetObjective(DiffusionObjective):
+    """A ControlNet on conditioning images (diffusers' train_controlnet_sdxl.py): initialised
+    from the base UNet (or an existing ControlNet); the UNet and text encoders stay frozen."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        from diffusers import ControlNetModel
+
+        from diffplat.models.loading import source_kwargs
+
+        super().__init__(config, device)
+        init = config.controlnet.init
+        if init:
+            self.controlnet = ControlNetModel.from_pretrained(init, **source_kwargs(init))
+        else:  # copies the UNet's encoder; its zero convolutions make it start as a no-op
+            self.controlnet = ControlNetModel.from_unet(self.parts.unet)
+        self.parts.unet.requires_grad_(False).to(device, self.weight_dtype).eval()
+        self.controlnet.train()
+        if config.gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+        self.controlnet.to(device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.controlnet
+
+    def predict(self, model, unet_input, t, prompt_embeds, added_cond_kwargs, batch) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        cond = torch.as_tensor(batch["conditioning_pixel_values"]).to(self.device, dtype)
+        down, mid = model(unet_input.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), controlnet_cond=cond,
+                          added_cond_kwargs={k: v.to(dtype) for k, v in added_cond_kwargs.items()}, return_dict=False)  # fmt: skip
+        frozen = self.parts.unet.dtype
+        return self.parts.unet(
+            unet_input.to(frozen), t, encoder_hidden_states=prompt_embeds.to(frozen),
+            added_cond_kwargs={k: v.to(frozen) for k, v in added_cond_kwargs.items()},
+            down_block_additional_residuals=[d.to(frozen) for d in down], mid_block_additional_residual=mid.to(frozen),
+            return_dict=False,
+        )[0]  # fmt: skip
+
+    def validation_grid(self, module):
+        """Images from the first training maps and their captions: map | image, one row each."""
+        from diffusers import StableDiffusionXLControlNetPipeline
+        from PIL import Image
+
+        from diffplat.data.composites import side_by_side
+        from diffplat.pictures import grid
+
+        v = self.config.validation
+        rows = self.validation_rows(["id", "caption", "conditioning"], where=lambda r: r["conditioning"] is not None)
+        pipe = self._pipeline(StableDiffusionXLControlNetPipeline, controlnet=module)
+        width, height = self.config.resolution
+        strips = []
+        for i, row in enumerate(rows):
+            with Image.open(io.BytesIO(row["conditioning"])) as img:
+                cond = img.convert("RGB").resize((width, height), Image.NEAREST)
+            image = pipe(row["caption"], image=cond, width=width, height=height, num_inference_steps=v.num_inference_steps,
+                         guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]  # fmt: skip
+            strips.append(side_by_side([cond, image]))
+        return grid(strips, columns=2, thumb_width=max(512, strips[0].width)) if strips else None
+
+    def made_how(self) -> dict:
+        return {"kind": "controlnet", "init": self.config.controlnet.init or "base UNet",
+                "max_token_length": self.config.max_token_length,
+                "proportion_empty_prompts": self.config.proportion_empty_prompts}  # fmt: skip
+
+    def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
+        """A diffusers `save_pretrained` folder (safetensors) + adapter_info.json."""
+        import json
+
+        from diffplat.fileio import replace_dir
+        from diffplat.models.lora import INFO_NAME
+
+        with replace_dir(Path(folder)) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / INFO_NAME).write_text(json.dumps({**self.made_how(), **info}, indent=2, default=str) + "\n")
+        return Path(folder)
+
+
+OBJECTIVES = {"lora": LoraObjective, "ic_lora": IcLoraObjective, "controlnet": ControlNetObjective}

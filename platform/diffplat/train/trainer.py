@@ -16,17 +16,18 @@ from diffplat.train.loop import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
 log = logging.getLogger("diffplat")
 
 
-def _shard_summary(shards: str) -> tuple[int, set[str]]:
-    """Rows and distinct layouts of the training shards, from Parquet metadata and one column."""
+def _shard_summary(shards: str, conditioning: bool) -> tuple[int, set[str]]:
+    """Rows (with a conditioning image, if asked) and distinct layouts of the training shards."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from diffplat.data.shards import shard_files
 
     rows, layouts = 0, set()
     for path in shard_files(Path(shards)):
-        table = pq.read_table(path, columns=["layout"])
-        rows += table.num_rows
-        layouts.update(v for v in table.column("layout").to_pylist())
+        table = pq.read_table(path, columns=["layout", "conditioning"] if conditioning else ["layout"])
+        rows += table.num_rows - (table.column("conditioning").null_count if conditioning else 0)
+        layouts.update(pc.unique(table.column("layout")).to_pylist())
     return rows, layouts
 
 
@@ -37,7 +38,10 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
         if config.num_train_epochs:
             raise ConfigError("train.num_train_epochs needs local shards to count rows; give max_train_steps")
         return config
-    rows, layouts = _shard_summary(config.data)
+    rows, layouts = _shard_summary(config.data, conditioning=config.kind == "controlnet")
+    if config.kind == "controlnet" and rows == 0:
+        raise ConfigError(f"train.data: {config.data} has no row with a conditioning image; controlnet trains on "
+                          "image + map pairs (BDD images with masks, or source: pairs)")  # fmt: skip
     if config.kind == "ic_lora":
         from diffplat.data.composites import CompositeError, Layout
 
@@ -105,7 +109,8 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     # Each run gets its own folder: Ray Train would otherwise hand a rerun the previous run's
     # checkpoint. Going on from one is asked for explicitly, with resume_from_checkpoint.
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip, config.seed)
+    dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip, config.seed,
+                               conditioning=config.kind == "controlnet")  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,

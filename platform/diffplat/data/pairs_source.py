@@ -1,0 +1,115 @@
+"""The `pairs` prepare source: images with conditioning images, for ControlNet.
+
+Pairs come from two folders matched by base name (`photo.jpg` with `photo.png`, or BDD's
+`photo_train_id.png`), or from source 4's ControlNet CSV index (columns `image`,
+`conditioning_image`, `text` by default). With `segmentation: true` the conditioning images
+are segmentation masks: grey train-id masks and colour maps are told apart, checked, and stored
+as the palette map the ControlNet sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffplat.config import PairsSource
+from diffplat.data import bdd
+from diffplat.data.composite_source import Skips, read_caption
+from diffplat.data.composites import CompositeError
+from diffplat.pictures import list_images
+
+
+def map_stem(path: Path) -> str:
+    """The image a map belongs to: BDD names masks `<image stem>_train_id.png`."""
+    return path.stem.removesuffix("_train_id")
+
+
+def _folder_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[tuple[Path, Path, str]]:
+    images = {p.stem: p for p in list_images(resolve(c.images))}
+    maps = {map_stem(p): p for p in list_images(resolve(c.conditioning))}
+    captions = resolve(c.captions) if c.captions else None
+    for stem in sorted(set(maps) - set(images)):
+        skips.add("conditioning image without an image", maps[stem].name)
+    for stem, image in sorted(images.items()):
+        if stem not in maps:
+            skips.add("no conditioning image", image.name)
+            continue
+        try:
+            caption = read_caption(captions / f"{stem}.txt" if captions else image)
+        except CompositeError as err:
+            skips.add(str(err), image.name)
+            continue
+        yield image, maps[stem], caption
+
+
+def _csv_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[tuple[Path, Path, str]]:
+    index = resolve(c.csv)
+    if not index.is_file():
+        raise FileNotFoundError(f"prepare.pairs.csv: {index} is not a file")
+    with open(index, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        wanted = (c.image_column, c.conditioning_column, c.caption_column)
+        missing = [name for name in wanted if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"prepare.pairs.csv: {index.name} has no column {missing[0]!r} "
+                             f"(columns: {', '.join(reader.fieldnames or [])})")  # fmt: skip
+        for n, row in enumerate(reader, 2):
+            where = f"{index.name} line {n}"
+            paths = [Path(row[c.image_column] or ""), Path(row[c.conditioning_column] or "")]
+            paths = [p if p.is_absolute() else index.parent / p for p in paths]
+            caption = (row[c.caption_column] or "").strip()
+            if not caption:
+                skips.add("missing caption", where)
+            elif not paths[0].is_file():
+                skips.add(f"no image ({paths[0].name})", where)
+            elif not paths[1].is_file():
+                skips.add(f"no conditioning image ({paths[1].name})", where)
+            else:
+                yield paths[0], paths[1], caption
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list) -> Iterator[dict]:
+    pairs = _csv_pairs(c, resolve, skips) if c.csv else _folder_pairs(c, resolve, skips)
+    for image_path, map_path, caption in pairs:
+        try:
+            data = image_path.read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                size = img.size
+        except (OSError, UnidentifiedImageError) as err:
+            skips.add(f"corrupt image ({err})", image_path.name)
+            continue
+        try:
+            if c.segmentation:
+                ids = bdd.read_mask(map_path)
+                map_size = (ids.shape[1], ids.shape[0])
+                conditioning = _png(bdd.colorize_mask(ids))
+            else:
+                conditioning = map_path.read_bytes()
+                with Image.open(io.BytesIO(conditioning)) as img:
+                    img.load()
+                    map_size = img.size
+        except bdd.MaskError as err:
+            skips.add(str(err).removeprefix(f"{map_path.name}: "), map_path.name)
+            continue
+        except (OSError, UnidentifiedImageError) as err:
+            skips.add(f"corrupt conditioning image ({err})", map_path.name)
+            continue
+        if map_size != size:
+            skips.add(f"map size differs from image (map {map_size[0]}x{map_size[1]}, image {size[0]}x{size[1]})",
+                      map_path.name)  # fmt: skip
+            continue
+        index.append({"image": str(image_path), "conditioning": str(map_path), "caption": caption})
+        yield {"id": image_path.stem, "image": data, "caption": caption, "conditioning": conditioning,
+               "width": size[0], "height": size[1], "source": "pairs:csv" if c.csv else "pairs:folders"}  # fmt: skip
