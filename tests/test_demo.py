@@ -35,7 +35,7 @@ def test_demo_writes_every_stage(demo):
     assert report["images"] == 6
     prep = json.loads((out / "data" / "prepare_report.json").read_text())
     assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
-    for stage in ("setup", "prepare", "train", "generate", "filter", "total", "lora", "ic_lora"):
+    for stage in ("setup", "prepare", "train", "generate", "filter", "total", "lora", "ic_lora", "controlnet"):
         assert stage in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout and "--host 127.0.0.1" in stdout
     assert len(stdout.strip().splitlines()) <= 40  # one screen
@@ -62,7 +62,7 @@ def test_demo_records_one_run_per_stage(demo):
     experiment = client.get_experiment_by_name("diffplat-demo")
     runs = client.search_runs([experiment.experiment_id])
     jobs = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(jobs) == {"demo", "demo-ic-lora"}
+    assert set(jobs) == {"demo", "demo-ic-lora", "demo-controlnet"}
     parent = jobs["demo"].info.run_id
     by_name = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     by_name["demo"] = jobs["demo"]
@@ -79,6 +79,10 @@ def test_demo_records_one_run_per_stage(demo):
     validation = [a.path for a in client.list_artifacts(ic_stages["train"].info.run_id, "validation")]
     assert validation == ["validation/step_000010.png", "validation/step_000020.png"]
     assert "comparison_sheet.png" in [a.path for a in client.list_artifacts(ic_stages["generate"].info.run_id)]
+    cn_stages = {r.info.run_name: r for r in runs
+                 if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
+    assert set(cn_stages) == {"train", "generate", "filter"}
+    assert len(client.list_artifacts(cn_stages["train"].info.run_id, "validation")) == 2
 
 
 def test_demo_lora_in_stock_diffusers(demo):
@@ -100,6 +104,19 @@ def test_demo_lora_in_stock_diffusers(demo):
     at_zero = image(cross_attention_kwargs={"scale": 0.0})
     assert np.abs(with_lora - base).max() > 1e-3
     assert np.array_equal(at_zero, base)
+
+
+def test_demo_controlnet_leg(demo):
+    from diffusers import ControlNetModel
+
+    out, _ = demo
+    info = json.loads((out / "adapters" / "controlnet" / "adapter_info.json").read_text())
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True) is not None
+    images = sorted(p.name for p in (out / "controlnet" / "images").glob("*.png"))
+    assert len(images) == 4 and all(name.startswith("synth-") for name in images)  # named after their masks
+    report = json.loads((out / "controlnet" / "filter_report.json").read_text())
+    assert report["images"] == 4
 
 
 def test_demo_ic_lora_in_stock_diffusers(demo):

@@ -19,7 +19,7 @@ WINDOW = 75  # content tokens per CLIP window (77 with the start and end tokens)
 
 def _windows(tokenizer, captions: list[str], max_token_length: int) -> torch.Tensor:
     """(batch, windows, 77) token ids; every caption gets the same number of windows."""
-    ids = tokenizer(captions, truncation=False, add_special_tokens=False).input_ids
+    ids = tokenizer(captions, truncation=False, add_special_tokens=False, verbose=False).input_ids
     limit = max(1, max_token_length // WINDOW)
     count = min(limit, max(1, max(-(-len(i) // WINDOW) for i in ids)))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
