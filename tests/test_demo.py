@@ -141,3 +141,36 @@ def test_demo_ic_lora_in_stock_diffusers(demo):
     pipe.load_lora_weights(out / "adapters" / "ic_lora")
     assert np.abs(fill() - base).max() > 1e-3
     assert np.array_equal(fill(cross_attention_kwargs={"scale": 0.0}), base)
+
+
+def test_diffplat_serve_with_no_config_serves_the_demo(demo):
+    """`diffplat serve` (the packaged local config) on the demo's models, over HTTP, then SIGTERM."""
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    out, _ = demo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DIFFPLAT_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "diffplat", "serve", "--workdir", str(out), "--port", str(port),
+                             "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        line = ""
+        deadline = time.time() + 240
+        while "diffplat serve: http://127.0.0.1" not in line and time.time() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line, line
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+        assert health["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
+        assert health["adapters"] == ["ic_lora", "lora"]
+        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
+                          json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 4})  # fmt: skip
+        assert r.status_code == 200 and r.json()["images"][0]["png_base64"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

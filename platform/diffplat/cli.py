@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=None,
                       help="prompt tokens kept (diffplat; default: what the LoRA was trained with, else 75)")
 
+    srv = sub.add_parser("serve", help="run the HTTP API (Ray Serve) on this machine, on 127.0.0.1 unless configured",
+                         description="Serve text-to-image, In-Context LoRA, ControlNet and detection over HTTP. "
+                                     "With no CONFIG: the models `make demo` wrote, from ./demo-output.")  # fmt: skip
+    srv.add_argument("config", nargs="?", default=None, help="a Ray Serve config, e.g. serve/diffplat.yaml "
+                     "(default: serve/local.yaml as shipped in the package)")  # fmt: skip
+    srv.add_argument("--port", type=int, default=None, help="default: the config's, else 8000")
+    srv.add_argument("--workdir", default=None, help="what the config's relative paths are relative to")
+    srv.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
@@ -85,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in fill_command(args):
                 print(path)
+        elif args.command == "serve":
+            from diffplat.demo import demo_config_path
+            from diffplat.serving.app import serve_forever
+
+            serve_forever(args.config or demo_config_path("serve_local.yaml"), args.port, args.workdir, args.num_cpus)
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 

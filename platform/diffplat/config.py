@@ -417,3 +417,48 @@ def _apply_override(data: dict, item: str, source: Path) -> None:
 
 def to_yaml(config: JobConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class ServeLimits(_Strict):
+    """What one HTTP request may ask for; beyond it the answer is a 4xx naming the field."""
+
+    max_prompt_chars: int = Field(2000, gt=0)
+    max_steps: int = Field(100, gt=0)
+    max_side: int = Field(2048, gt=0, description="largest width or height, pixels")
+    max_images: int = Field(8, gt=0, description="images a request")
+    max_upload_bytes: int = Field(20 * 2**20, gt=0)
+    max_pixels: int = Field(4096 * 4096, gt=0, description="an upload's width x height, checked before decoding")
+
+
+class BatchingSettings(_Strict):
+    enabled: bool = True
+    max_batch_size: int = Field(4, gt=0, description="compatible generation requests run as one pipeline call")
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+
+
+class ServeConfig(_Strict):
+    """The HTTP API's models and limits: the `args:` of a Ray Serve config (serve/*.yaml)."""
+
+    base_model: str = Field(description="hub id or folder of the SDXL pipeline for /v1/generate")
+    vae: str | None = None
+    variant: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    inpaint_model: str | None = Field(None, description="an SDXL inpainting pipeline: /v1/ic-lora exists when set")
+    controlnet: str | None = Field(None, description="a ControlNet: /v1/controlnet exists when set")
+    adapters: str | None = Field(None, description="registry folder: one sub-folder per LoRA, named by requests")
+    max_loaded_adapters: int = Field(4, gt=0, description="per replica; least recently used evicted")
+    detector: str | None = Field("yolov8n.yaml", description="YOLO weights or model yaml: /v1/detect and filtering")
+    detector_imgsz: int = Field(640, gt=0)
+    detector_device: str = "cpu"
+    default_resolution: Resolution = (1024, 1024)
+    api_key_env: str | None = Field("DIFFPLAT_API_KEY", description="environment variable holding the API key; "
+                                    "when it is set, every request needs Authorization: Bearer <key>")  # fmt: skip
+    tracking_uri: str | None = Field(None, description="MLflow store for runs:/ adapters")
+    workdir: str | None = Field(None, description="what relative paths are relative to (default: the current folder)")
+    batching: BatchingSettings = BatchingSettings()
+    limits: ServeLimits = ServeLimits()
+
+    @field_validator("default_resolution")
+    @classmethod
+    def _resolution(cls, value: Resolution) -> Resolution:
+        return _check_resolution(value)

@@ -182,6 +182,7 @@ class MaskError(ValueError):
 # Palette colour (packed as 0xRRGGBB) -> train id; black is BDD's colour for "ignore".
 _COLOUR_IDS = {(int(r) << 16) | (int(g) << 8) | int(b): i for i, (r, g, b) in enumerate(SEG_PALETTE)}
 _COLOUR_IDS[0] = SEG_IGNORE
+_PALETTE_GREYS = {0} | {int(r) for r, g, b in SEG_PALETTE if r == g == b}
 
 
 def mask_to_ids(array: np.ndarray, name: str) -> np.ndarray:
@@ -191,7 +192,9 @@ def mask_to_ids(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim == 3:
         rgb = array[..., :3]
         grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-        if grey and np.isin(rgb[..., 0], [*range(len(SEG_CLASSES)), SEG_IGNORE]).all():
+        # Equal channels are a grey mask saved as RGB, unless they hold only the palette's greys
+        # (building, pole, black): a colour map of just those classes.
+        if grey and not np.isin(rgb[..., 0], list(_PALETTE_GREYS)).all():
             array = rgb[..., 0]
         else:
             packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]

@@ -1,0 +1,95 @@
+"""Adapters on demand: a request names one, a replica loads it on first use and keeps a bounded
+number loaded on its one base pipeline (least recently used evicted), so many adapters share one
+base model without a redeploy.
+
+Names are the sub-folders of the registry folder (each holding `pytorch_lora_weights.safetensors`),
+or `runs:/<run id>/<artifact path>` for an adapter logged to MLflow (fetched once per replica).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from diffplat.models.lora import WEIGHTS_NAME
+
+log = logging.getLogger("diffplat")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN = re.compile(r"^runs:/[0-9a-f]{32}/[A-Za-z0-9._/-]{1,256}$")
+
+
+class UnknownAdapter(ValueError):
+    pass
+
+
+def registry_names(registry: str | None) -> list[str]:
+    if not registry or not Path(registry).is_dir():
+        return []
+    return sorted(p.name for p in Path(registry).iterdir() if (p / WEIGHTS_NAME).is_file())
+
+
+def check_name(name: str, registry: str | None) -> None:
+    """Refuse a name that is not in the registry (or not an MLflow run URI), before any work.
+    Names never become paths unchecked: no separators, no `..`."""
+    if _RUN.match(name) and ".." not in name:
+        return
+    if not _NAME.match(name) or ".." in name:
+        raise UnknownAdapter(f"adapter {name!r} is not a registry name (letters, digits, . _ -) or runs:/<id>/<path>")
+    if name not in registry_names(registry):
+        known = ", ".join(registry_names(registry)) or "none"
+        raise UnknownAdapter(f"no adapter {name!r} in the registry (known: {known})")
+
+
+class AdapterCache:
+    """LoRA adapters loaded into one pipeline, at most `capacity` at once."""
+
+    def __init__(self, pipe, registry: str | None, capacity: int, tracking_uri: str | None = None):
+        self.pipe, self.registry, self.capacity, self.tracking_uri = pipe, registry, capacity, tracking_uri
+        self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
+        self.loads = self.evictions = 0
+        self._downloads = Path(tempfile.mkdtemp(prefix="diffplat-adapters-"))
+
+    def _folder(self, name: str) -> Path:
+        if name.startswith("runs:/"):
+            import mlflow.artifacts
+
+            target = self._downloads / re.sub(r"\W", "_", name)
+            if not target.exists():
+                try:
+                    mlflow.artifacts.download_artifacts(artifact_uri=name, dst_path=str(target),
+                                                        tracking_uri=self.tracking_uri)  # fmt: skip
+                except Exception as err:  # MLflow raises several types for a missing run or path
+                    raise UnknownAdapter(f"adapter {name!r}: cannot fetch it from MLflow ({err})") from None
+            found = sorted(target.rglob(WEIGHTS_NAME))
+            if not found:
+                raise UnknownAdapter(f"adapter {name!r}: no {WEIGHTS_NAME} in that MLflow artifact")
+            return found[0].parent
+        check_name(name, self.registry)
+        return Path(self.registry) / name
+
+    def activate(self, name: str | None, scale: float = 1.0) -> None:
+        """Make `name` the pipeline's only active adapter at `scale` (None: the base model)."""
+        if name is None:
+            if self.loaded:
+                self.pipe.disable_lora()
+            return
+        if name not in self.loaded:
+            while len(self.loaded) >= self.capacity:
+                old, internal = self.loaded.popitem(last=False)
+                self.pipe.delete_adapters(internal)
+                self.evictions += 1
+                log.info("serve: evicted adapter %s", old)
+            internal = f"a{self.loads}"
+            self.pipe.load_lora_weights(str(self._folder(name)), weight_name=WEIGHTS_NAME, adapter_name=internal)
+            self.loaded[name] = internal
+            self.loads += 1
+        self.loaded.move_to_end(name)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([self.loaded[name]], adapter_weights=[scale])
+
+    def stats(self) -> dict:
+        return {"loaded": list(self.loaded), "loads": self.loads, "evictions": self.evictions}

@@ -1,0 +1,220 @@
+"""The model deployments behind the HTTP API. Each loads its pipeline once per replica through
+the same functions the bulk jobs use (models/loading.py, infer/), so one copy of the model code
+serves both. Requests reach them already validated by the ingress (serving/app.py).
+
+A replica whose pipeline fails on a request it was given in good faith marks itself broken, and
+its health check then fails, so Serve replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+
+from ray import serve
+
+from diffplat.config import ServeConfig
+
+log = logging.getLogger("diffplat")
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+class _Replica:
+    """What every model replica shares: settings, device, broken flag, health, stats."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        self.settings = ServeConfig.model_validate(settings)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.broken: str | None = None
+        self.requests = 0
+
+    def _generator(self, seed: int):
+        import torch
+
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def _guard(self, err: Exception) -> None:
+        self.broken = f"{type(err).__name__}: {err}"
+        log.error("serve: %s replica is broken: %s", type(self).__name__, self.broken)
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"pipeline broken: {self.broken}")
+
+    def stats(self) -> dict:
+        extra = self.adapters.stats() if getattr(self, "adapters", None) else {}
+        return {"rss_mb": _rss_mb(), "requests": self.requests, "broken": self.broken, **extra}
+
+
+@serve.deployment(max_ongoing_requests=8, max_queued_requests=32, ray_actor_options={"num_cpus": 0.25})
+class Generator(_Replica):
+    """Text-to-image with an optional LoRA; compatible requests are batched into one call."""
+
+    def __init__(self, settings: dict):
+        from diffplat.models.loading import DTYPES, load_pipeline
+        from diffplat.serving.adapters import AdapterCache
+
+        super().__init__(settings)
+        s = self.settings
+        self.pipe = load_pipeline(s.base_model, s.vae, s.variant, DTYPES[s.dtype]).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.adapters = AdapterCache(self.pipe, s.adapters, s.max_loaded_adapters, s.tracking_uri)
+        self.schedulers = {"default": self.pipe.scheduler}
+        self.batch_sizes: list[int] = []
+        self.generate.set_max_batch_size(s.batching.max_batch_size if s.batching.enabled else 1)
+        self.generate.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
+
+    def _scheduler(self, name: str):
+        if name not in self.schedulers:
+            import diffusers
+
+            from diffplat.models.loading import SCHEDULERS
+
+            base = self.schedulers["default"].config
+            self.schedulers[name] = getattr(diffusers, SCHEDULERS[name]).from_config(base)
+        return self.schedulers[name]
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[dict]) -> list[dict]:
+        """Jobs that share adapter, size, steps, guidance, sampler and negative prompt run as one
+        pipeline call; each image keeps its own seed."""
+        self.batch_sizes.append(len(jobs))
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            key = tuple(job[k] for k in ("adapter", "adapter_scale", "width", "height", "num_inference_steps",
+                                         "guidance_scale", "scheduler", "negative_prompt"))  # fmt: skip
+            groups[key].append(i)
+        results: list[dict] = [{} for _ in jobs]
+        for indices in groups.values():
+            first = jobs[indices[0]]
+            prompts, seeds = [], []
+            for i in indices:
+                prompts += [jobs[i]["prompt"]] * len(jobs[i]["seeds"])
+                seeds += jobs[i]["seeds"]
+            start = time.perf_counter()
+            try:
+                self.adapters.activate(first["adapter"], first["adapter_scale"])
+                self.pipe.scheduler = self._scheduler(first["scheduler"])
+                images = self.pipe(
+                    prompt=prompts, negative_prompt=[first["negative_prompt"]] * len(prompts) if first["negative_prompt"] else None,
+                    width=first["width"], height=first["height"], num_inference_steps=first["num_inference_steps"],
+                    guidance_scale=first["guidance_scale"], generator=[self._generator(s) for s in seeds],
+                ).images  # fmt: skip
+            except Exception as err:
+                self._guard(err)
+                raise
+            seconds = time.perf_counter() - start
+            at = 0
+            for i in indices:
+                n = len(jobs[i]["seeds"])
+                results[i] = {"images": images[at : at + n], "seeds": jobs[i]["seeds"], "generate_s": seconds,
+                              "batch": len(jobs)}  # fmt: skip
+                at += n
+        self.requests += len(jobs)
+        return results
+
+    def stats(self) -> dict:
+        return {**super().stats(), "batch_sizes": self.batch_sizes[-200:]}
+
+
+@serve.deployment(max_ongoing_requests=4, max_queued_requests=16, ray_actor_options={"num_cpus": 0.25})
+class PanelFiller(_Replica):
+    """In-Context LoRA panel filling on the inpainting pipeline (infer/panels.py)."""
+
+    def __init__(self, settings: dict):
+        from diffplat.infer.panels import load_fill_pipeline
+        from diffplat.models.loading import DTYPES
+        from diffplat.serving.adapters import AdapterCache
+
+        super().__init__(settings)
+        s = self.settings
+        self.pipe = load_fill_pipeline(s.inpaint_model, None, s.vae, s.variant, DTYPES[s.dtype]).to(self.device)
+        self.adapters = AdapterCache(self.pipe, s.adapters, s.max_loaded_adapters, s.tracking_uri)
+
+    async def fill(self, job: dict) -> dict:
+        from diffplat.infer.panels import FillOptions, fill_panels
+
+        start = time.perf_counter()
+        try:
+            self.adapters.activate(job["adapter"], job["adapter_scale"])
+            fills = fill_panels(self.pipe, job["image"], job["prompt"], job["seeds"], FillOptions(**job["options"]))
+        except Exception as err:
+            self._guard(err)
+            raise
+        self.requests += 1
+        return {"images": [f.image for f in fills], "comparisons": [f.comparison for f in fills], "seeds": job["seeds"],
+                "generate_s": time.perf_counter() - start}  # fmt: skip
+
+
+@serve.deployment(max_ongoing_requests=4, max_queued_requests=16, ray_actor_options={"num_cpus": 0.25})
+class MapGenerator(_Replica):
+    """ControlNet generation from a segmentation map (infer/controlnet.py)."""
+
+    def __init__(self, settings: dict):
+        from diffplat.infer.controlnet import load_controlnet_pipeline
+        from diffplat.models.loading import DTYPES
+        from diffplat.serving.adapters import AdapterCache
+
+        super().__init__(settings)
+        s = self.settings
+        self.pipe = load_controlnet_pipeline(s.base_model, s.controlnet, None, s.vae, s.variant, DTYPES[s.dtype])
+        self.pipe.to(self.device)
+        self.adapters = AdapterCache(self.pipe, s.adapters, s.max_loaded_adapters, s.tracking_uri)
+
+    async def generate(self, job: dict) -> dict:
+        start = time.perf_counter()
+        n = len(job["seeds"])
+        try:
+            self.adapters.activate(job["adapter"], job["adapter_scale"])
+            images = self.pipe(
+                prompt=[job["prompt"]] * n, negative_prompt=[job["negative_prompt"]] * n if job["negative_prompt"] else None,
+                image=job["map"], controlnet_conditioning_scale=job["conditioning_scale"], width=job["width"],
+                height=job["height"], num_inference_steps=job["num_inference_steps"],
+                guidance_scale=job["guidance_scale"], generator=[self._generator(s) for s in job["seeds"]],
+            ).images  # fmt: skip
+        except Exception as err:
+            self._guard(err)
+            raise
+        self.requests += 1
+        return {"images": images, "seeds": job["seeds"], "generate_s": time.perf_counter() - start}
+
+
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, ray_actor_options={"num_cpus": 0.25})
+class Detector(_Replica):
+    """YOLO detection (filter/yolo.py's model); images from concurrent requests run as one batch."""
+
+    def __init__(self, settings: dict):
+        from diffplat.filter.yolo import load_detector
+
+        super().__init__(settings)
+        s = self.settings
+        self.model = load_detector(s.detector)
+        self.names = dict(self.model.names)
+        self.detect.set_max_batch_size(s.batching.max_batch_size * 2 if s.batching.enabled else 1)
+        self.detect.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def detect(self, images: list) -> list[list[dict]]:
+        import numpy as np
+
+        from diffplat.filter.yolo import _detections
+
+        arrays = [np.asarray(im.convert("RGB"))[..., ::-1] for im in images]  # ultralytics takes BGR arrays
+        try:
+            results = self.model.predict(arrays, imgsz=self.settings.detector_imgsz, conf=0.001, device=self.settings.detector_device,
+                                         verbose=False)  # fmt: skip
+        except Exception as err:
+            self._guard(err)
+            raise
+        self.requests += len(images)
+        return [[{"class_name": d.class_name, "class_id": d.class_id, "confidence": round(d.confidence, 4),
+                  "box_xywhn": [round(v, 5) for v in d.box_xywhn]} for d in _detections(r)] for r in results]  # fmt: skip
