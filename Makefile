@@ -36,6 +36,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/data_decode.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(OUT) bench-output .pytest_cache
