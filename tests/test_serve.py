@@ -46,12 +46,20 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     make_lora(tiny_sdxl, work / "adapters" / "red", seed=1)
     make_lora(tiny_sdxl, work / "adapters" / "blue", seed=2)
     make_lora(tiny_sdxl_inpaint, work / "adapters" / "panels", seed=3)
+    import mlflow
+
+    # the "red" adapter also logged to an MLflow store, as a training run logs its adapter
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment = client.create_experiment("serve-test", artifact_location=(work / "mlartifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(work / "adapters" / "red"), "adapter")
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
     ControlNetModel.from_unet(unet).save_pretrained(work / "controlnet", safe_serialization=True)
     args = {
         "base_model": str(tiny_sdxl), "inpaint_model": str(tiny_sdxl_inpaint), "controlnet": "controlnet",
         "adapters": "adapters", "max_loaded_adapters": 1, "detector": "yolov8n.yaml", "detector_imgsz": 64,
-        "default_resolution": [64, 64], "api_key_env": "DIFFPLAT_TEST_KEY",
+        "default_resolution": [64, 64], "api_key_env": "DIFFPLAT_TEST_KEY", "tracking_uri": store,
         "batching": {"enabled": True, "max_batch_size": 4, "batch_wait_timeout_s": 0.2},
         "limits": {"max_steps": 20, "max_side": 256, "max_images": 3, "max_upload_bytes": 200_000, "max_pixels": 512 * 512},
     }  # fmt: skip
@@ -63,7 +71,7 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     serve.run(build_app(args, overrides, workdir=work), name="diffplat-test", route_prefix="/")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {KEY}"
-    yield f"http://127.0.0.1:{port}", session, work
+    yield f"http://127.0.0.1:{port}", session, work, run.info.run_id
     serve.shutdown()
     os.environ.pop("DIFFPLAT_TEST_KEY", None)
 
@@ -73,7 +81,7 @@ def _image(item) -> np.ndarray:
 
 
 def test_health_docs_and_routes(server):
-    url, http, _ = server
+    url, http, *_ = server
     health = http.get(f"{url}/healthz").json()
     assert health["status"] == "ok" and health["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
     assert health["adapters"] == ["blue", "panels", "red"]
@@ -83,7 +91,7 @@ def test_health_docs_and_routes(server):
 
 
 def test_generate_json_and_png_with_seeds(server):
-    url, http, _ = server
+    url, http, *_ = server
     body = {"prompt": "a car at night", "num_inference_steps": 3, "seed": 11, "num_images": 2}
     r = http.post(f"{url}/v1/generate", json=body)
     assert r.status_code == 200, r.text
@@ -98,7 +106,7 @@ def test_generate_json_and_png_with_seeds(server):
 
 
 def test_generate_then_filter_in_one_request(server):
-    url, http, _ = server
+    url, http, *_ = server
     r = http.post(f"{url}/v1/generate", json={"prompt": "a street", "num_inference_steps": 2, "seed": 1, "num_images": 2,
                                               "filter": {"min_confidence": 0.5, "required_classes": ["car"]}})  # fmt: skip
     assert r.status_code == 200, r.text
@@ -108,7 +116,7 @@ def test_generate_then_filter_in_one_request(server):
 
 
 def test_adapters_switch_and_evict(server):
-    url, http, _ = server
+    url, http, *_ = server
     body = {"prompt": "a road", "num_inference_steps": 3, "seed": 5}
     base = _image(http.post(f"{url}/v1/generate", json=body).json()["images"][0])
     red = _image(http.post(f"{url}/v1/generate", json={**body, "adapter": "red"}).json()["images"][0])
@@ -119,10 +127,15 @@ def test_adapters_switch_and_evict(server):
     assert np.array_equal(red, red_again) and np.array_equal(base, base_again)
     stats = http.get(f"{url}/v1/stats").json()["generator"]
     assert stats["loaded"] == ["red"] and stats["evictions"] >= 2  # capacity 1: red out, blue in, blue out, red in
+    # the same weights named as an MLflow run's artifact
+    run_id = server[3]
+    from_mlflow = http.post(f"{url}/v1/generate", json={**body, "adapter": f"runs:/{run_id}/adapter"})
+    assert from_mlflow.status_code == 200, from_mlflow.text
+    assert np.array_equal(_image(from_mlflow.json()["images"][0]), red)
 
 
 def test_ic_lora_fills_named_panels_only(server):
-    url, http, _ = server
+    url, http, *_ = server
     composite = make_composite([Image.new("RGB", (8, 8), c) for c in [(200, 0, 0), (0, 200, 0), (0, 0, 200), (9, 9, 9)]],
                                Layout(2, 2), (32, 32))  # fmt: skip
     r = http.post(f"{url}/v1/ic-lora", json={"image": _b64(composite), "prompt": "four panels", "panels_to_inpaint": [3],
@@ -137,7 +150,7 @@ def test_ic_lora_fills_named_panels_only(server):
 
 
 def test_controlnet_from_grey_and_colour_maps(server):
-    url, http, _ = server
+    url, http, *_ = server
     ids = np.full((64, 64), bdd.SEG_CLASSES.index("road"), np.uint8)
     ids[:20] = bdd.SEG_CLASSES.index("sky")
     body = {"prompt": "a road", "num_inference_steps": 2, "seed": 4}
@@ -152,7 +165,7 @@ def test_controlnet_from_grey_and_colour_maps(server):
 
 
 def test_detect(server):
-    url, http, _ = server
+    url, http, *_ = server
     r = http.post(f"{url}/v1/detect", json={"image": _b64(Image.new("RGB", (96, 64), (90, 90, 90)), "JPEG")})
     assert r.status_code == 200 and r.json()["detections"] == [] and r.json()["width"] == 96
 
@@ -184,7 +197,7 @@ def _bomb() -> str:
     ("detect", {"image": base64.b64encode(b"plain text").decode()}, 415, "image"),
 ])  # fmt: skip
 def test_bad_input_is_a_4xx_naming_the_field(server, route, body, status, field):
-    url, http, _ = server
+    url, http, *_ = server
     uploads = {
         "PANELS": lambda: _b64(Image.new("RGB", (64, 64), (1, 2, 3))),
         "ODD": lambda: _b64(Image.new("RGB", (63, 64), (1, 2, 3))),
@@ -200,7 +213,7 @@ def test_bad_input_is_a_4xx_naming_the_field(server, route, body, status, field)
 
 
 def test_api_key_is_required_and_checked(server):
-    url, _, _ = server
+    url, *_ = server
     body = {"image": _b64(Image.new("RGB", (16, 16)))}
     assert requests.post(f"{url}/v1/detect", json=body).status_code == 401
     wrong = requests.post(f"{url}/v1/detect", json=body, headers={"Authorization": "Bearer wrong"})
@@ -210,7 +223,7 @@ def test_api_key_is_required_and_checked(server):
 
 
 def test_overload_answers_503_fast_and_the_server_lives_on(server):
-    url, http, _ = server
+    url, http, *_ = server
     body = {"prompt": "busy", "num_inference_steps": 20, "width": 256, "height": 256, "num_images": 3}
 
     def one(i):
