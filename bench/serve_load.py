@@ -109,7 +109,6 @@ def main() -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # Ray gives a 0.25-CPU replica one thread (OMP_NUM_THREADS=1)
         pipe = load_pipeline(str(model))
-        pipe.set_progress_bar_config(disable=True)
         local = []
         for i in range(max(8, args.requests // 4)):
             start = time.perf_counter()

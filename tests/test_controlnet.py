@@ -143,8 +143,13 @@ def test_bdd_colour_masks_and_bad_masks_in_prepare(bdd_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def controlnet_job(tmp_path_factory, tiny_sdxl, bdd_dir, local_ray):
+    import shutil
+
     work = tmp_path_factory.mktemp("cn")
     labels = [str(p) for p in sorted((bdd_dir / "labels").glob("*.json"))]
+    # the masks to generate from, and one bad map among them: it must be skipped, not end the run
+    shutil.copytree(bdd_dir / "masks", work / "maps")
+    Image.fromarray(np.full((144, 256), 77, np.uint8)).save(work / "maps" / "zzz-bad_train_id.png")
     config = parse_config({
         "name": "cn-test",
         "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"), "labels": labels}},
@@ -157,8 +162,8 @@ def controlnet_job(tmp_path_factory, tiny_sdxl, bdd_dir, local_ray):
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2},
         },
         "generate": {
-            "kind": "controlnet", "base_model": str(tiny_sdxl), "prompts": ["a driving scene"], "max_images": 3,
-            "controlnet": {"model": "adapters/cn", "maps": str(bdd_dir / "masks"), "bdd_labels": labels},
+            "kind": "controlnet", "base_model": str(tiny_sdxl), "prompts": ["a driving scene"],
+            "controlnet": {"model": "adapters/cn", "maps": "maps", "bdd_labels": labels},
             "resolution": [64, 64], "num_inference_steps": 3, "seed": 5, "output": "from-maps",
         },
         "filter": {"images": "from-maps", "imgsz": 64},
@@ -187,15 +192,18 @@ def test_generation_from_maps_is_named_after_them_and_filtered(controlnet_job, b
     work, result = controlnet_job
     out = work / "from-maps"
     meta = [json.loads(l) for l in (out / "metadata.jsonl").read_text().splitlines()]
-    assert len(meta) == 3 == result.outputs["generate"]["images"]
-    masks = sorted((bdd_dir / "masks").glob("*.png"))[:3]
+    masks = sorted((work / "maps").glob("synth-*.png"))
+    assert len(meta) == len(masks) == result.outputs["generate"]["images"]
     assert [m["file_name"] for m in meta] == [f"images/{p.name.removesuffix('_train_id.png')}.png" for p in masks]
     assert [m["map"] for m in meta] == [str(p) for p in masks]
     # prompts: from the frame's BDD labels; a mask-only frame (synth-00005) gets the job's prompt
-    assert [m["prompt"] == "a driving scene" for m in meta] == [False, False, True]
+    assert [m["prompt"] == "a driving scene" for m in meta[:3]] == [False, False, True]
     assert all("weather" in m["prompt"] for m in meta[:2])
+    # the bad map was skipped, counted and named
+    assert result.outputs["generate"]["skipped"] == 1
+    assert "zzz-bad_train_id.png: mask has ids outside 0-18 and 255 (77)" in (out / "skipped.txt").read_text()
     assert (out / "comparisons" / Path(meta[0]["file_name"]).name).is_file()
-    assert result.outputs["filter"]["images"] == 3
+    assert result.outputs["filter"]["images"] == len(masks)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)

@@ -89,3 +89,18 @@ def test_masked_mode_refuses_a_text_to_image_unet(tiny_sdxl):
     config = TrainConfig(kind="ic_lora", base_model=str(tiny_sdxl), data="unused", max_train_steps=1)
     with pytest.raises(ValueError, match="needs an inpainting UNet .9 input channels.*has 4.*mode: composite"):
         OBJECTIVES["ic_lora"](config, torch.device("cpu"))
+
+
+def test_min_snr_weighting(tiny_sdxl):
+    """min(SNR, gamma) / SNR: 1 where the SNR is below gamma (noisy steps), smaller above it."""
+    config = TrainConfig(base_model=str(tiny_sdxl), data="unused", max_train_steps=1, snr_gamma=5.0,
+                         lora={"target_modules": TARGETS})  # fmt: skip
+    objective = OBJECTIVES["lora"](config, torch.device("cpu"))
+    t = torch.tensor([0, 100, 500, 999])
+    alphas = objective.scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / snr
+    assert torch.allclose(objective.snr_weights(t), expected)
+    assert objective.snr_weights(t)[0] < 0.01 and objective.snr_weights(t)[-1] == 1.0
+    losses = _losses(objective, _batch(None), steps=40, lr=1e-2)
+    assert losses[-1] < 0.6 * losses[0], losses

@@ -227,6 +227,7 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5.0 is the paper's); None: off")
     checkpointing_steps: int | None = Field(None, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="`latest` (this job's newest checkpoint) or a "

@@ -70,18 +70,9 @@ def load_controlnet_pipeline(base_model: str, controlnet: str, lora: str | None 
     import torch
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    from diffplat.models.loading import load_vae, set_scheduler, source_kwargs
-    from diffplat.models.lora import lora_location
+    from diffplat.models.loading import load_pipeline, source_kwargs
 
     dtype = dtype or torch.float32
     net = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, **source_kwargs(controlnet))
-    extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-        base_model, controlnet=net, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra
-    )
-    set_scheduler(pipe, scheduler)
-    if lora:
-        folder, weight_name = lora_location(lora)
-        pipe.load_lora_weights(folder, weight_name=weight_name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(base_model, vae, variant, dtype, StableDiffusionXLControlNetPipeline, scheduler, lora,
+                         controlnet=net)  # fmt: skip

@@ -82,7 +82,7 @@ class Generator:
     def __init__(self, config: dict):
         import torch
 
-        from diffplat.models.loading import DTYPES, load_pipeline, set_scheduler
+        from diffplat.models.loading import DTYPES, load_pipeline
         from diffplat.models.lora import adapter_info
 
         self.config = GenerateConfig.model_validate(config)
@@ -107,12 +107,8 @@ class Generator:
                 max_token_length=self.max_token_length,
             )  # fmt: skip
         else:
-            self.pipe = load_pipeline(c.base_model, c.vae, c.variant, dtype)
-            set_scheduler(self.pipe, c.scheduler)
-            if c.lora:
-                self.pipe.load_lora_weights(c.lora)
+            self.pipe = load_pipeline(c.base_model, c.vae, c.variant, dtype, scheduler=c.scheduler, lora=c.lora)
         self.pipe.to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np

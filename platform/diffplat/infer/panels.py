@@ -105,20 +105,10 @@ def load_fill_pipeline(base_model: str, lora: str | None = None, vae: str | None
     import torch
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    from diffplat.models.loading import load_vae, set_scheduler, source_kwargs
-    from diffplat.models.lora import lora_location
+    from diffplat.models.loading import load_pipeline
 
-    extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
-        base_model, torch_dtype=dtype or torch.float32, requires_aesthetics_score=False,
-        **source_kwargs(base_model, variant), **extra,
-    )  # fmt: skip
-    set_scheduler(pipe, scheduler)
-    if lora:
-        folder, weight_name = lora_location(lora)
-        pipe.load_lora_weights(folder, weight_name=weight_name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(base_model, vae, variant, dtype or torch.float32, StableDiffusionXLInpaintPipeline, scheduler,
+                         lora, requires_aesthetics_score=False)  # fmt: skip
 
 
 def fill_command(args) -> list[str]:

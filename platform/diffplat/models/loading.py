@@ -61,13 +61,25 @@ def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None
     )
 
 
-def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32):
+def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32,
+                  pipeline_class=None, scheduler: str = "default", lora: str | None = None, **components):  # fmt: skip
+    """An SDXL pipeline of `pipeline_class` (text-to-image by default; inpainting, ControlNet),
+    with an optional VAE override, sampler and LoRA; `components` go to from_pretrained (a
+    ControlNet, requires_aesthetics_score, ...). One loader for bulk jobs and the HTTP API."""
     from diffusers import StableDiffusionXLPipeline
 
+    from diffplat.models.lora import lora_location
+
+    weights = lora_location(lora) if lora else None  # a pickle is refused before anything loads
     extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
-    return StableDiffusionXLPipeline.from_pretrained(
-        base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra
+    pipe = (pipeline_class or StableDiffusionXLPipeline).from_pretrained(
+        base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra, **components
     )
+    set_scheduler(pipe, scheduler)
+    if weights:
+        pipe.load_lora_weights(weights[0], weight_name=weights[1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 SCHEDULERS = {

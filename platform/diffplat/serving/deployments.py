@@ -66,7 +66,6 @@ class Generator(_Replica):
         super().__init__(settings)
         s = self.settings
         self.pipe = load_pipeline(s.base_model, s.vae, s.variant, DTYPES[s.dtype]).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
         self.adapters = AdapterCache(self.pipe, s.adapters, s.max_loaded_adapters, s.tracking_uri)
         self.schedulers = {"default": self.pipe.scheduler}
         self.batch_sizes: list[int] = []

@@ -49,6 +49,25 @@ def _optimizer(config, params):
                                eps=config.adam_epsilon, weight_decay=config.weight_decay)  # fmt: skip
 
 
+def mean_over_workers(loss_sum, count: int, device) -> float:
+    """The mean loss over every worker's micro-batches since the last log line (one all-reduce
+    per log line; every rank logs at the same steps)."""
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float32, device=device).reshape(()),
+                          torch.tensor(float(count), device=device)])  # fmt: skip
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     _setup_accelerator()
     if not log.handlers:  # a fresh worker process; Ray forwards its stderr to the driver
@@ -163,15 +182,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % config.log_every == 0 or step == config.max_train_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "loss": float(window_loss) / window_micro,  # rank 0's micro-batches since the last line
+                    "loss": mean_over_workers(window_loss, window_micro, device),  # every worker's micro-batches
                     "lr": engine.get_lr()[0],
                     "images_per_s": window_images / elapsed,  # all workers
                     "step_time_s": elapsed / window_steps,  # one optimizer step, accumulation included
                 }
                 logger.log_metrics(metrics, step)
                 if rank == 0:
-                    log.info("train: step %d/%d loss %.4f lr %.2e %.1f img/s", step, config.max_train_steps,
-                             metrics["loss"], metrics["lr"], metrics["images_per_s"])  # fmt: skip
+                    eta = (config.max_train_steps - step) * metrics["step_time_s"]
+                    log.info("train: step %d/%d loss %.4f lr %.2e %.1f img/s %.2f s/step eta %s", step,
+                             config.max_train_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                             metrics["step_time_s"], _duration(eta))  # fmt: skip
                 window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
             if every and step % every == 0 and step < config.max_train_steps:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
@@ -91,10 +90,22 @@ class DiffusionObjective:
         with torch.no_grad():
             unet_input, weights = self.model_input(noisy, pixels, batch, generator)
         pred = self.predict(model, unet_input, t, prompt_embeds, {"text_embeds": pooled, "time_ids": ids}, batch)
-        if weights is None:
-            return F.mse_loss(pred.float(), target.float())
         squared = (pred.float() - target.float()) ** 2
-        return (squared * weights).sum() / (weights.sum() * squared.shape[1]).clamp_min(1e-8)
+        if weights is None:
+            per_sample = squared.mean(dim=(1, 2, 3))
+        else:  # the weighted mean of each sample's cells
+            per_sample = (squared * weights).sum((1, 2, 3)) / (weights.sum((1, 2, 3)) * squared.shape[1]).clamp_min(1e-8)
+        if self.config.snr_gamma:
+            per_sample = per_sample * self.snr_weights(t)
+        return per_sample.mean()
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR weighting (Hang et al. 2023, diffusers' --snr_gamma): min(SNR, gamma) / SNR for
+        epsilon prediction, / (SNR + 1) for v-prediction, so easy low-noise steps weigh less."""
+        alphas = self.scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.config.snr_gamma)
+        return clipped / (snr + 1 if self.prediction_type == "v_prediction" else snr)
 
     def _pipeline(self, pipeline_class, **components):
         """A sampling pipeline around the parts being trained (no copies: the live adapter)."""
