@@ -85,3 +85,53 @@ def test_resume_from_latest_goes_on_from_the_saved_step(tmp_path, tiny_sdxl, bdd
 
     with pytest.raises(ConfigError, match="resume_from_checkpoint: .*nope is not a checkpoint"):
         run_job(job(5, resume_from_checkpoint=str(tmp_path / "nope")), tmp_path)
+
+
+def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path, tiny_sdxl, bdd_dir, local_ray):
+    """A Ray Train worker killed by its pid mid-run: the group restarts from the last checkpoint
+    and the run still ends at max_train_steps."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import mlflow
+    import psutil
+
+    config = parse_config({
+        "name": "failure-test",
+        "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"),
+                            "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}},
+        "train": {"base_model": str(tiny_sdxl), "data": "data/shards", "resolution": [128, 128],
+                  "lora": {"rank": 4, "alpha": 4}, "max_train_steps": 16, "train_batch_size": 2,
+                  "learning_rate": 1e-3, "log_every": 1, "checkpointing_steps": 4,
+                  "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 2},
+                  "deepspeed": {"zero_stage": 0}},
+    })  # fmt: skip
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(result=run_job(config, tmp_path)), daemon=True)
+    job.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and job.is_alive():
+        # Ray registers a reported checkpoint asynchronously: kill once a second one is on disk,
+        # so that the first is surely registered and the restart can go on from it.
+        if len(list((tmp_path / "ray_results").glob("failure-test-train-*/checkpoint_*/trainer_state.json"))) >= 2:
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    job.join(timeout=480)
+    assert killed is not None, "the run ended before a worker could be killed"
+    result = outcome["result"]
+    info = json.loads((tmp_path / "adapters" / "lora" / "adapter_info.json").read_text())
+    assert info["step"] == 16
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    train = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                               filter_string="tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
+    steps = [m.step for m in client.get_metric_history(train.info.run_id, "loss")]
+    assert max(steps) == 16
+    assert len(steps) > len(set(steps)), "steps after the last checkpoint are taken again after the restart"
+    # it went on from a checkpoint (step 4 or 8), losing at most one checkpoint interval, not from step 0
+    assert min(s for s in steps if steps.count(s) > 1) >= 5

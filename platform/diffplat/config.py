@@ -147,6 +147,8 @@ class ScalingSettings(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     # Where Ray Train keeps checkpoints: a local folder, or shared storage (s3://, NFS) on a cluster.
     storage_path: str = "ray_results"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts after a lost worker, each going on "
+                              "from the last checkpoint; -1: no limit")  # fmt: skip
 
 
 class DeepSpeedSettings(_Strict):

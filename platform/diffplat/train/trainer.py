@@ -125,6 +125,9 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
             name=run_name,
             storage_path=scaling.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
+            # A lost worker (a preempted node, an OOM kill) restarts the group, which goes on from
+            # the run's last checkpoint (the loop reads ray.train.get_checkpoint()).
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
         ),
         datasets={"train": dataset},
     )
