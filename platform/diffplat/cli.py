@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--workdir", default=None, help="what the config's relative paths are relative to")
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
 
+    export = sub.add_parser("export-lora", help="write a LoRA in another format (kohya: one file for SDXL front ends)")
+    export.add_argument("adapter", help="an adapter folder (pytorch_lora_weights.safetensors) or that file")
+    export.add_argument("--format", choices=["kohya"], default="kohya")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
@@ -99,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from diffplat.serving.app import serve_forever
 
             serve_forever(args.config or demo_config_path("serve_local.yaml"), args.port, args.workdir, args.num_cpus)
+        elif args.command == "export-lora":
+            from diffplat.models.lora import export_kohya
+
+            print(export_kohya(args.adapter, args.out))
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 

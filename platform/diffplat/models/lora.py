@@ -93,3 +93,52 @@ def save_lora(unet: torch.nn.Module, lora_config, folder: Path, info: dict) -> P
         )
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return Path(folder)
+
+
+def export_kohya(adapter: str | Path, out: str | Path) -> Path:
+    """The single-file LoRA that kohya's scripts and the common SDXL front ends load
+    (`lora_unet_...` keys, `.alpha` per module, rank/alpha/base model in the header).
+
+    diffusers' converter writes alpha = rank for every module; the adapter's real alpha (from
+    how it was saved) is written over it, or the front ends would scale it wrongly."""
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from diffplat.fileio import write_bytes_atomic
+
+    folder, weight_name = lora_location(str(adapter))
+    path = Path(folder) / (weight_name or WEIGHTS_NAME)
+    if not path.is_file():
+        raise LoraFileError(f"{adapter}: no {WEIGHTS_NAME} to export")
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    layers = load_file(str(path))
+    unknown = sorted({k.split(".")[0] for k in layers} - {"unet"})
+    if unknown:
+        raise LoraFileError(f"{adapter}: only UNet LoRAs export to kohya so far; found {unknown[0]}.* keys")
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in layers.items()})
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft.items()})
+    saved = json.loads(header.get("lora_adapter_metadata", "{}"))  # the LoraConfig, keys prefixed "unet."
+    config = {k.removeprefix("unet."): v for k, v in saved.items() if k.startswith("unet.")}
+    info = adapter_info(str(adapter))
+    rank = int(config.get("r") or info.get("rank") or next(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")))
+    alpha = float(config.get("lora_alpha") or info.get("alpha") or rank)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(alpha)
+    kohya = {k: v.contiguous() for k, v in kohya.items()}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_sd_model_name": str(info.get("base_model", "")),
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "diffplat.kind": str(info.get("kind", "lora")),
+    }
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(kohya, str(Path(tmp) / "lora.safetensors"), metadata=metadata)
+        write_bytes_atomic(Path(out), (Path(tmp) / "lora.safetensors").read_bytes())
+    return Path(out)
