@@ -131,7 +131,8 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path, tiny_sdxl, bd
     train = client.search_runs([client.get_run(result.run_id).info.experiment_id],
                                filter_string="tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
     steps = [m.step for m in client.get_metric_history(train.info.run_id, "loss")]
-    assert max(steps) == 16
-    assert len(steps) > len(set(steps)), "steps after the last checkpoint are taken again after the restart"
-    # it went on from a checkpoint (step 4 or 8), losing at most one checkpoint interval, not from step 0
-    assert min(s for s in steps if steps.count(s) > 1) >= 5
+    assert not psutil.pid_exists(killed) and set(steps) == set(range(1, 17))
+    # The run finished although a worker died, so the group restarted; it went on from a
+    # checkpoint (step 4 or later), not from step 0: only steps after it can repeat.
+    repeated = [s for s in set(steps) if steps.count(s) > 1]
+    assert not repeated or min(repeated) >= 5, steps

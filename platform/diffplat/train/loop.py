@@ -62,6 +62,17 @@ def mean_over_workers(loss_sum, count: int, device) -> float:
     return float(totals[0] / totals[1].clamp_min(1))
 
 
+def own_checkpoints(run_dir: str | None) -> list:
+    """This run's checkpoints on local or shared storage, newest first (none on a fresh run:
+    every run has its own folder)."""
+    from ray.train import Checkpoint
+
+    if not run_dir or "://" in run_dir:
+        return []
+    found = sorted(Path(run_dir).glob(f"checkpoint_*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [Checkpoint.from_directory(str(p.parent)) for p in found]
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -133,16 +144,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     step, micro, loss = 0, 0, None
-    # After a lost worker Ray hands back this run's last checkpoint; else the one asked for.
-    resume = ray.train.get_checkpoint() or (Checkpoint.from_directory(loop_config["resume"])
-                                            if loop_config.get("resume") else None)  # fmt: skip
-    if resume is not None:
-        with resume.as_directory() as folder:
-            engine.load_checkpoint(str(Path(folder) / STATE_DIR), tag=STATE_TAG, load_module_strict=False)
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
+    # After a lost worker: this run's own newest checkpoint on storage (Ray registers reported
+    # checkpoints asynchronously, so get_checkpoint() can lag behind by one or more), else
+    # Ray's; on a fresh start, the one resume_from_checkpoint asked for.
+    candidates = own_checkpoints(loop_config.get("run_dir"))
+    if not candidates and ray.train.get_checkpoint() is not None:
+        candidates = [ray.train.get_checkpoint()]
+    if not candidates and loop_config.get("resume"):
+        candidates = [Checkpoint.from_directory(loop_config["resume"])]
+    for candidate in candidates:
+        try:
+            with candidate.as_directory() as folder:
+                state = json.loads((Path(folder) / STATE_FILE).read_text())
+                engine.load_checkpoint(str(Path(folder) / STATE_DIR), tag=STATE_TAG, load_module_strict=False)
+        except Exception as err:  # a checkpoint cut short by the crash: take the one before it
+            log.warning("train: cannot resume from %s (%s); trying an older checkpoint", candidate.path, err)
+            continue
         step, micro = state["step"], state["micro"]
         if rank == 0:
-            log.info("train: resumed at step %d from %s", step, resume.path)
+            log.info("train: resumed at step %d from %s", step, candidate.path)
+        break
 
     def validate(step: int) -> None:
         """Rank 0 draws the validation picture with the adapter as it is at `step`."""

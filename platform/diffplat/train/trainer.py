@@ -98,6 +98,10 @@ def resume_checkpoint(config: TrainConfig, name: str) -> str | None:
     return str(folder)
 
 
+def _run_dir(storage: str, run_name: str) -> str:
+    return f"{storage.rstrip('/')}/{run_name}" if "://" in storage else str(Path(storage) / run_name)
+
+
 def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, run_id: str | None, name: str) -> dict:
     """Train with `config` (paths already resolved) and write the adapter to `output`."""
     import ray.train
@@ -114,7 +118,7 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "resume": resume},  # fmt: skip
+                           "resume": resume, "run_dir": _run_dir(scaling.storage_path, run_name)},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
