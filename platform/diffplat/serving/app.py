@@ -210,6 +210,9 @@ def make_ingress(routes: frozenset[str]):
 
             @api.post("/v1/controlnet")
             async def controlnet(self, body: ControlNetRequest, request: Request, format: str = "json"):
+                import numpy as np
+                from PIL import Image
+
                 from diffplat.data.bdd import MaskError, colorize_mask, mask_to_ids
 
                 self._auth(request)
@@ -217,17 +220,13 @@ def make_ingress(routes: frozenset[str]):
                 upload = self._upload("image", body.image)
                 width, height = body.width or upload.width, body.height or upload.height
                 job = self._sampling(body, width, height)
-                if body.segmentation:
-                    import numpy as np
-                    from PIL import Image
-
+                if body.segmentation:  # grey train ids or a colour map: both become the palette map
                     try:
                         upload = Image.fromarray(colorize_mask(mask_to_ids(np.asarray(upload), "image")))
                     except MaskError as err:
                         raise reject("image", str(err)) from None
-                from PIL import Image as _Image
-
-                job.update(map=upload.resize((width, height), _Image.NEAREST), width=width, height=height,
+                # nearest-neighbour keeps the palette colours exact
+                job.update(map=upload.resize((width, height), Image.NEAREST), width=width, height=height,
                            conditioning_scale=body.conditioning_scale)  # fmt: skip
                 result = await self._call(self.maps.generate, job)
                 timings = {"generate_s": round(result["generate_s"], 4), "total_s": round(time.perf_counter() - start, 4)}
