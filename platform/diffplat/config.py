@@ -7,10 +7,10 @@ section runs, in that order. Relative paths are relative to the job's work folde
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,10 @@ def _check_resolution(value: Resolution) -> Resolution:
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise ValueError(f"resolution must be two positive multiples of 8 (width height), got {width} {height}")
     return value
+
+
+# What a model runs at: every field of this type is checked the same way, where it is declared.
+ModelResolution = Annotated[Resolution, AfterValidator(_check_resolution)]
 
 
 class TrackingConfig(_Strict):
@@ -202,7 +206,7 @@ class TrainConfig(_Strict):
     variant: str | None = None
     data: str = Field(description="folder of Parquet shards written by `prepare`")
     output: str = "adapters/lora"
-    resolution: Resolution = (1024, 1024)
+    resolution: ModelResolution = (1024, 1024)
     center_crop: bool = True
     random_flip: bool = False
     lora: LoraSettings = LoraSettings()
@@ -238,11 +242,6 @@ class TrainConfig(_Strict):
     seed: int = 0
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, value: Resolution) -> Resolution:
-        return _check_resolution(value)
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -304,7 +303,7 @@ class GenerateConfig(_Strict):
     prompts_file: str | None = Field(None, description="one prompt per line")
     negative_prompt: str = ""
     adapter_scale: float = 1.0
-    resolution: Resolution = (1024, 1024)
+    resolution: ModelResolution = (1024, 1024)
     num_generations: int = Field(1, gt=0, description="images per prompt")
     guidance_scale: float = 5.0
     num_inference_steps: int = Field(30, gt=0)
@@ -320,11 +319,6 @@ class GenerateConfig(_Strict):
     max_images: int | None = Field(None, gt=0, description="make at most this many images")
     ic_lora: PanelFillSettings | None = None
     controlnet: MapGenerateSettings | None = None
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, value: Resolution) -> Resolution:
-        return _check_resolution(value)
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> "GenerateConfig":
@@ -453,15 +447,10 @@ class ServeConfig(_Strict):
     detector: str | None = Field("yolov8n.yaml", description="YOLO weights or model yaml: /v1/detect and filtering")
     detector_imgsz: int = Field(640, gt=0)
     detector_device: str = "cpu"
-    default_resolution: Resolution = (1024, 1024)
+    default_resolution: ModelResolution = (1024, 1024)
     api_key_env: str | None = Field("DIFFPLAT_API_KEY", description="environment variable holding the API key; "
                                     "when it is set, every request needs Authorization: Bearer <key>")  # fmt: skip
     tracking_uri: str | None = Field(None, description="MLflow store for runs:/ adapters")
     workdir: str | None = Field(None, description="what relative paths are relative to (default: the current folder)")
     batching: BatchingSettings = BatchingSettings()
     limits: ServeLimits = ServeLimits()
-
-    @field_validator("default_resolution")
-    @classmethod
-    def _resolution(cls, value: Resolution) -> Resolution:
-        return _check_resolution(value)
