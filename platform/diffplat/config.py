@@ -218,8 +218,14 @@ class TrainConfig(_Strict):
     max_token_length: TokenLength = Field(75, description="caption tokens kept: 75 is one CLIP window (stock "
                                           "diffusers); 150 or 225 keep long multi-scene captions whole")  # fmt: skip
     learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    # diffusers' get_scheduler, every name it offers (--lr_scheduler, --lr_num_cycles, --lr_power)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "piecewise_constant"] = "constant"  # fmt: skip
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, gt=0, description="cosine_with_restarts: number of hard restarts")
+    lr_power: float = Field(1.0, gt=0, description="polynomial: power of the decay")
+    lr_step_rules: str | None = Field(None, description="piecewise_constant: e.g. '1:10,0.1:20,0.01' (multiplier:"
+                                      "until step, ..., last multiplier)")  # fmt: skip
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -233,6 +239,14 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="what the model learns to "
+                                                                       "predict; None: the base model's scheduler's")  # fmt: skip
+    use_ema: bool = Field(False, description="keep an exponential moving average of the trained weights; the saved "
+                          "adapter and the validation images use it")  # fmt: skip
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay, warmed up as (1 + step) / (10 + step)")
+    train_text_encoder: bool = Field(False, description="also train LoRA layers on both text encoders (kind lora)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows each worker shuffles among, reseeded every epoch "
+                                "(Ray Data's local shuffle); 0: shard order")  # fmt: skip
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5.0 is the paper's); None: off")
     checkpointing_steps: int | None = Field(None, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
@@ -247,6 +261,10 @@ class TrainConfig(_Strict):
     def _length(self) -> "TrainConfig":
         if (self.max_train_steps is None) == (self.num_train_epochs is None):
             raise ValueError("give one of max_train_steps and num_train_epochs")
+        if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
+            raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules, e.g. '1:10,0.1:20,0.01'")
+        if self.train_text_encoder and self.kind == "controlnet":
+            raise ValueError("train_text_encoder: a ControlNet trains with the text encoders frozen; use kind lora")
         return self
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -29,20 +30,23 @@ class ToTrainingArrays:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.conditioning = conditioning
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def _geometry(self, width: int, height: int, layout: str | None):
-        """(resized size, crop box, flip) for one row."""
+    def _geometry(self, row_id: str, width: int, height: int, layout: str | None):
+        """(resized size, crop box, flip) for one row. The random crop and flip are drawn from
+        the seed and the row's id alone, so a row gets the same ones however Ray Data blocks and
+        schedules the rows: a resumed run sees exactly the batches the stopped one would have."""
         if layout:
             return (self.width, self.height), (0, 0, self.width, self.height), False
         scale = max(self.width / width, self.height / height)
         size = (max(self.width, round(width * scale)), max(self.height, round(height * scale)))
         spare_x, spare_y = size[0] - self.width, size[1] - self.height
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(row_id).encode())])
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
-            left, top = int(self.rng.integers(0, spare_x + 1)), int(self.rng.integers(0, spare_y + 1))
-        flip = bool(self.random_flip and self.rng.random() < 0.5)
+            left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
+        flip = bool(self.random_flip and rng.random() < 0.5)
         return size, (left, top, left + self.width, top + self.height), flip
 
     @staticmethod
@@ -52,10 +56,10 @@ class ToTrainingArrays:
         pixels = np.asarray(img, dtype=np.float32)
         return (pixels[:, ::-1] if flip else pixels).transpose(2, 0, 1)
 
-    def _one(self, data: bytes, layout: str | None = None, conditioning: bytes | None = None):
+    def _one(self, row_id: str, data: bytes, layout: str | None = None, conditioning: bytes | None = None):
         with Image.open(io.BytesIO(data)) as img:
             original = (img.height, img.width)
-        size, box, flip = self._geometry(original[1], original[0], layout)
+        size, box, flip = self._geometry(row_id, original[1], original[0], layout)
         pixels = self._apply(data, size, box, flip, Image.BICUBIC) / 127.5 - 1.0
         cond = self._apply(conditioning, size, box, flip, Image.NEAREST) / 255.0 if conditioning else None
         left = size[0] - box[2] if flip else box[0]  # SDXL's crop coordinate, as seen after the flip
@@ -69,7 +73,7 @@ class ToTrainingArrays:
             if self.conditioning and cond is None:
                 continue  # e.g. a BDD image with labels but no mask
             try:
-                p, o, c, k = self._one(data, layout, cond)
+                p, o, c, k = self._one(row_id, data, layout, cond)
             except Exception as err:  # a bad row must not stop a long training run
                 log.warning("skipping row %s: cannot decode image (%s)", row_id, err)
                 continue

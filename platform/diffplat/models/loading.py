@@ -78,8 +78,19 @@ def load_pipeline(base_model: str, vae: str | None = None, variant: str | None =
     set_scheduler(pipe, scheduler)
     if weights:
         pipe.load_lora_weights(weights[0], weight_name=weights[1])
+        match_prediction_type(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def match_prediction_type(pipe, adapter: str) -> None:
+    """An adapter trained with another prediction_type (v_prediction on an epsilon base) samples
+    with the one it learnt, as recorded in its adapter_info.json."""
+    from diffplat.models.lora import adapter_info
+
+    learnt = adapter_info(adapter).get("prediction_type")
+    if learnt and learnt != pipe.scheduler.config.get("prediction_type"):
+        pipe.scheduler.register_to_config(prediction_type=learnt)
 
 
 SCHEDULERS = {

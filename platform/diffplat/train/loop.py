@@ -8,19 +8,17 @@ workers sit on other machines.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("diffplat")
+from diffplat.train.checkpoint import (ADAPTER_DIR, EMA_FILE, STATE_DIR, STATE_TAG, check_trained, own_checkpoints,
+                                       read_state, restore_rng, save_rng, trained_shapes, write_state)  # fmt: skip
 
-# Inside every checkpoint this loop reports:
-ADAPTER_DIR = "adapter"  # the adapter, in its diffusers format: what the driver copies out
-STATE_DIR, STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer, scheduler and trainable weights
-STATE_FILE = "trainer_state.json"  # step and micro-step reached, number of workers
+log = logging.getLogger("diffplat")
 
 
 def _setup_accelerator() -> None:
@@ -62,17 +60,6 @@ def mean_over_workers(loss_sum, count: int, device) -> float:
     return float(totals[0] / totals[1].clamp_min(1))
 
 
-def own_checkpoints(run_dir: str | None) -> list:
-    """This run's checkpoints on local or shared storage, newest first (none on a fresh run:
-    every run has its own folder)."""
-    from ray.train import Checkpoint
-
-    if not run_dir or "://" in run_dir:
-        return []
-    found = sorted(Path(run_dir).glob(f"checkpoint_*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [Checkpoint.from_directory(str(p.parent)) for p in found]
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -95,7 +82,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from diffplat.config import TrainConfig
     from diffplat.tracking import RankZeroLogger
+    from diffplat.train.checkpoint import CheckpointMismatch
     from diffplat.train.deepspeed_config import deepspeed_config
+    from diffplat.train.ema import MovingAverage
     from diffplat.train.objectives import OBJECTIVES
 
     config = TrainConfig.model_validate(loop_config["train"])
@@ -107,12 +96,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
 
     objective = OBJECTIVES[config.kind](config, device)
+    generators = {"noise": generator, **objective.generators()}
     params = [p for p in objective.module.parameters() if p.requires_grad]
     client_optimizer = _optimizer(config, params)
 
     def lr_scheduler(optimizer):
         return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                             num_training_steps=config.max_train_steps)  # fmt: skip
+                             num_training_steps=config.max_train_steps, num_cycles=config.lr_num_cycles,
+                             power=config.lr_power, step_rules=config.lr_step_rules)  # fmt: skip
 
     engine, _, _, _ = deepspeed.initialize(
         model=objective.module,
@@ -121,29 +112,40 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr_scheduler=lr_scheduler,
         config=deepspeed_config(config, client_optimizer=client_optimizer is not None),
     )
+    # The average lives on rank 0 only, which saves and validates (ZeRO 0-2 keep every
+    # rank's parameters whole, so rank 0 sees all of them).
+    ema = MovingAverage(engine.module, config.ema_decay) if config.use_ema and rank == 0 else None
     trainable = sum(p.numel() for p in params)
     if rank == 0:
-        log.info("train: %s, %d trainable parameters, %d workers, ZeRO %d, %s", config.kind, trainable, world,
-                 config.deepspeed.zero_stage, config.mixed_precision)  # fmt: skip
+        log.info("train: %s, %d trainable parameters, %d workers, ZeRO %d, %s%s", config.kind, trainable, world,
+                 config.deepspeed.zero_stage, config.mixed_precision, ", EMA" if ema else "")  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
     info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world}
+    step, micro, epoch, batch_in_epoch, loss = 0, 0, 0, 0, None
 
-    def report(step: int, metrics: dict, save: bool) -> None:
-        """Every rank calls report (it is a barrier). A checkpoint holds the adapter (rank 0),
-        DeepSpeed's state (each rank its optimizer partition; Ray merges the ranks' folders)
-        and the step, so a run can go on from it."""
+    def averaged():
+        return ema.applied(engine.module) if ema else contextlib.nullcontext()
+
+    def report(metrics: dict, save: bool) -> None:
+        """Every rank calls report (it is a barrier). A checkpoint holds what checkpoint.py
+        lists: each rank writes its own parts, Ray merges the ranks' folders."""
         if not save:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(str(Path(tmp) / STATE_DIR), tag=STATE_TAG, exclude_frozen_parameters=True)
+            folder = Path(tmp)
+            engine.save_checkpoint(str(folder / STATE_DIR), tag=STATE_TAG, exclude_frozen_parameters=True)
+            save_rng(folder, rank, generators)
             if rank == 0:
-                objective.save(engine.module, Path(tmp) / ADAPTER_DIR, {**info, "step": step, **metrics})
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step, "micro": micro, "workers": world}))
+                with averaged():
+                    objective.save(engine.module, folder / ADAPTER_DIR, {**info, "step": step, **metrics})
+                if ema:
+                    ema.save(folder / EMA_FILE)
+                write_state(folder, {"step": step, "micro": micro, "epoch": epoch, "batch": batch_in_epoch,
+                                     "workers": world, "trained": trained_shapes(engine.module)})  # fmt: skip
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
-    step, micro, loss = 0, 0, None
     # After a lost worker: this run's own newest checkpoint on storage (Ray registers reported
     # checkpoints asynchronously, so get_checkpoint() can lag behind by one or more), else
     # Ray's; on a fresh start, the one resume_from_checkpoint asked for.
@@ -155,24 +157,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for candidate in candidates:
         try:
             with candidate.as_directory() as folder:
-                state = json.loads((Path(folder) / STATE_FILE).read_text())
+                state = read_state(folder)
+                if "trained" in state:  # checkpoints of diffplat before 0.2 lack it
+                    check_trained(state["trained"], engine.module, f"checkpoint {candidate.path}")
                 engine.load_checkpoint(str(Path(folder) / STATE_DIR), tag=STATE_TAG, load_module_strict=False)
+                if not restore_rng(folder, rank, generators):
+                    log.warning("train: %s has no random state for worker %d; draws will differ", candidate.path, rank)
+                if ema:
+                    ema.load(Path(folder) / EMA_FILE)
+        except CheckpointMismatch:
+            raise  # a wrong run's checkpoint: falling back to an older one would not help
         except Exception as err:  # a checkpoint cut short by the crash: take the one before it
             log.warning("train: cannot resume from %s (%s); trying an older checkpoint", candidate.path, err)
             continue
-        step, micro = state["step"], state["micro"]
+        step, micro, epoch, batch_in_epoch = state["step"], state["micro"], state.get("epoch", 0), state.get("batch", 0)
         if rank == 0:
-            log.info("train: resumed at step %d from %s", step, candidate.path)
+            log.info("train: resumed at step %d (epoch %d, batch %d) from %s", step, epoch, batch_in_epoch,
+                     candidate.path)  # fmt: skip
         break
 
     def validate(step: int) -> None:
-        """Rank 0 draws the validation picture with the adapter as it is at `step`."""
+        """Rank 0 draws the validation picture with the adapter as it is at `step` (its moving
+        average, with use_ema)."""
         if rank != 0:
             return
         start = time.perf_counter()
         engine.module.eval()
         dtype = next(engine.module.parameters()).dtype
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with averaged(), torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             picture = objective.validation_grid(engine.module)
         engine.module.train()
         if picture is not None:
@@ -186,9 +198,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_start = time.perf_counter()
     engine.train()
     while step < config.max_train_steps:
-        batches = 0
-        for batch in shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True):
-            batches += 1
+        # The shuffle is reseeded each epoch from (seed, rank, epoch): a resumed run replays
+        # the stopped epoch's order and skips the batches already trained on.
+        skip, batch_in_epoch = batch_in_epoch, 0
+        if skip and rank == 0:
+            log.info("train: skipping the %d batches of epoch %d trained before the resume", skip, epoch)
+        batches = shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                     local_shuffle_seed=(config.seed + 7919 * rank + 104729 * epoch) % 2**32)  # fmt: skip
+        for batch in batches:
+            batch_in_epoch += 1
+            if batch_in_epoch <= skip:
+                continue
             loss = objective.loss(engine, batch, generator)
             engine.backward(loss)
             engine.step()
@@ -200,6 +221,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             step += 1
             window_steps += 1
+            if ema:
+                ema.update(engine.module, step)
             if step % config.log_every == 0 or step == config.max_train_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
@@ -211,8 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.log_metrics(metrics, step)
                 if rank == 0:
                     eta = (config.max_train_steps - step) * metrics["step_time_s"]
-                    log.info("train: step %d/%d loss %.4f lr %.2e %.1f img/s %.2f s/step eta %s", step,
-                             config.max_train_steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                    log.info("train: step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s %.2f s/step eta %s", step,
+                             config.max_train_steps, epoch, metrics["loss"], metrics["lr"], metrics["images_per_s"],
                              metrics["step_time_s"], _duration(eta))  # fmt: skip
                 window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
@@ -220,14 +243,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 validate(step)
             checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
             if checkpoint_now and step < config.max_train_steps:
-                report(step, {"step": step}, save=True)
+                report({"step": step}, save=True)
             if step >= config.max_train_steps:
                 break
-        if batches == 0:
-            raise RuntimeError(
-                f"train: worker {rank} got no batch of {config.train_batch_size} rows; "
-                "the dataset is smaller than train_batch_size x num_workers"
-            )
+        else:
+            if batch_in_epoch == 0:
+                raise RuntimeError(
+                    f"train: worker {rank} got no batch of {config.train_batch_size} rows; "
+                    "the dataset is smaller than train_batch_size x num_workers"
+                )
+            epoch, batch_in_epoch = epoch + 1, 0
     validate(step)
     # A run resumed at its last step takes no step: it saves what it resumed from.
-    report(step, {"step": step, **({"final_loss": loss.item()} if loss is not None else {})}, save=True)
+    report({"step": step, **({"final_loss": loss.item()} if loss is not None else {})}, save=True)

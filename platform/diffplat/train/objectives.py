@@ -42,6 +42,8 @@ class DiffusionObjective:
         vae_dtype = self.weight_dtype if (config.vae and self.weight_dtype != torch.float32) else torch.float32
         self.parts.vae.requires_grad_(False).to(device, vae_dtype).eval()
         self.scheduler = self.parts.noise_scheduler
+        if config.prediction_type:  # diffusers' --prediction_type
+            self.scheduler.register_to_config(prediction_type=config.prediction_type)
         self.prediction_type = self.scheduler.config.prediction_type
         # Caption dropout draws from its own generator (the loop seeded torch with seed + rank).
         self.caption_rng = torch.Generator().manual_seed(torch.initial_seed() + 104729)
@@ -49,6 +51,10 @@ class DiffusionObjective:
     @property
     def module(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The objective's own random generators, saved in checkpoints for an exact resume."""
+        return {"caption": self.caption_rng}
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         latents = self.parts.vae.encode(pixels).latent_dist.sample(generator)
@@ -171,8 +177,9 @@ class LoraObjective(DiffusionObjective):
     def made_how(self) -> dict:
         """What adapter_info.json records besides the step and the metrics."""
         return {"kind": self.config.kind, "rank": self.config.lora.rank, "alpha": self.config.lora.alpha,
-                "target_modules": list(self.config.lora.target_modules),
-                "max_token_length": self.config.max_token_length}  # fmt: skip
+                "target_modules": list(self.config.lora.target_modules), "prediction_type": self.prediction_type,
+                "max_token_length": self.config.max_token_length, "use_ema": self.config.use_ema,
+                "train_text_encoder": self.config.train_text_encoder}  # fmt: skip
 
     def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
         return save_lora(model, self.lora_config, folder, {**self.made_how(), **info})
@@ -200,6 +207,9 @@ class IcLoraObjective(LoraObjective):
         # Panel choices come from their own generator, so they do not shift the noise draws;
         # the loop seeded torch with seed + rank, so every worker hides different panels.
         self.panel_rng = torch.Generator().manual_seed(torch.initial_seed() + 7919)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {**super().generators(), "panel": self.panel_rng}
 
     def choose_panels(self, layout: Layout) -> list[int]:
         """Hidden panels for one sample: with mask_probability, 1..max_masked_panels of them (at
@@ -328,7 +338,8 @@ class ControlNetObjective(DiffusionObjective):
 
     def made_how(self) -> dict:
         return {"kind": "controlnet", "init": self.config.controlnet.init or "base UNet",
-                "max_token_length": self.config.max_token_length,
+                "max_token_length": self.config.max_token_length, "prediction_type": self.prediction_type,
+                "use_ema": self.config.use_ema,
                 "proportion_empty_prompts": self.config.proportion_empty_prompts}  # fmt: skip
 
     def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -11,7 +10,8 @@ from pathlib import Path
 from diffplat.config import ConfigError, TrainConfig
 from diffplat.data.pipeline import training_dataset
 from diffplat.fileio import replace_dir
-from diffplat.train.loop import ADAPTER_DIR, STATE_FILE, train_loop_per_worker
+from diffplat.train.checkpoint import ADAPTER_DIR, STATE_FILE, read_state
+from diffplat.train.loop import train_loop_per_worker
 
 log = logging.getLogger("diffplat")
 
@@ -90,12 +90,20 @@ def resume_checkpoint(config: TrainConfig, name: str) -> str | None:
         folder = Path(value)
         if not (folder / STATE_FILE).is_file():
             raise ConfigError(f"train.resume_from_checkpoint: {value} is not a checkpoint of a diffplat run (no {STATE_FILE})")
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_state(folder)
     if state["workers"] != config.scaling.num_workers:
         raise ConfigError(f"train.resume_from_checkpoint: {folder} was written by {state['workers']} workers; "
                           f"resume with scaling.num_workers: {state['workers']} (optimizer state is split per worker)")  # fmt: skip
     log.info("train: resuming from %s (step %d)", folder, state["step"])
     return str(folder)
+
+
+def _ordered_ingest():
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _run_dir(storage: str, run_name: str) -> str:
@@ -134,6 +142,10 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
         ),
         datasets={"train": dataset},
+        # Blocks reach the workers in shard order, so the seeded shuffle, and a resume's replay of
+        # an epoch, see the same rows in the same order (with several workers, which rows go
+        # to which worker is still Ray Data's dynamic split).
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     result = trainer.fit()
     if result.error:
