@@ -184,3 +184,56 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path, tiny_sdxl, bd
     # checkpoint (step 4 or later), not from step 0: only steps after it can repeat.
     repeated = [s for s in set(steps) if steps.count(s) > 1]
     assert not repeated or min(repeated) >= 5, steps
+
+
+def test_text_encoder_lora_with_two_workers(tmp_path, tiny_sdxl, bdd_dir, local_ray):
+    """LoRA on the UNet and both text encoders, 2 workers under ZeRO-2 (where other trainers
+    break): one file stock diffusers loads whole, and its kohya export gives the same image."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    config = parse_config({
+        "name": "te-test",
+        "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"),
+                            "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}},
+        "train": {"base_model": str(tiny_sdxl), "data": "data/shards", "resolution": [64, 64],
+                  "lora": {"rank": 4, "alpha": 8}, "train_text_encoder": True, "max_train_steps": 3,
+                  "train_batch_size": 2, "learning_rate": 1e-2, "checkpointing_steps": 2,
+                  "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2}},
+    })  # fmt: skip
+    run_job(config, tmp_path)
+    adapter = tmp_path / "adapters" / "lora"
+    weights = load_file(adapter / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder", "text_encoder_2"}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        ups = [v for k, v in weights.items() if k.startswith(part + ".") and ("lora_B" in k or ".up." in k or "lora.up" in k)]
+        assert ups and any(v.abs().max() > 0 for v in ups), f"{part}: its LoRA did not train"
+    state = next((tmp_path / "ray_results").glob("te-test-train-*/checkpoint_*/trainer_state.json"))
+    assert any(name.startswith("text_encoder_2.") for name in json.loads(state.read_text())["trained"])
+
+    def image(folder=None, weight_name=None):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        if folder:
+            pipe.load_lora_weights(str(folder), weight_name=weight_name)
+        embeds = pipe.encode_prompt("a road at night", device="cpu", do_classifier_free_guidance=False)[0]
+        picture = pipe("a road at night", width=64, height=64, num_inference_steps=3, output_type="np",
+                       generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+        return embeds, picture
+
+    base_embeds, _ = image()
+    embeds, picture = image(adapter)
+    assert (embeds - base_embeds).abs().max() > 1e-4  # the text encoders' LoRA is loaded and acts
+    out = tmp_path / "te_kohya.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "export-lora", str(adapter), "--format", "kohya",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kohya = load_file(out)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    _, kohya_picture = image(out.parent, out.name)
+    assert np.abs(kohya_picture - picture).max() < 1e-5

@@ -1,4 +1,5 @@
-"""LoRA on the SDXL UNet, saved in the file format stock diffusers `load_lora_weights` reads."""
+"""LoRA on the SDXL UNet (and optionally its two text encoders), saved in the file format stock
+diffusers `load_lora_weights` reads."""
 
 from __future__ import annotations
 
@@ -62,34 +63,52 @@ def peft_config(settings: LoraSettings):
     )
 
 
-def add_lora(unet: torch.nn.Module, settings: LoraSettings):
-    """Freeze the UNet and add trainable LoRA layers; returns the LoraConfig used."""
+# diffusers' train_text_to_image_lora_sdxl.py --train_text_encoder: CLIP's attention projections
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings, what: str = "UNet"):
+    """Freeze `model` (the UNet or a text encoder) and add trainable LoRA layers; returns the
+    LoraConfig used."""
+    from peft import inject_adapter_in_model
+
     config = peft_config(settings)
-    unet.requires_grad_(False)
-    unet.add_adapter(config)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    # peft's own injection: transformers' add_adapter (the text encoders') demands a newer peft.
+    inject_adapter_in_model(config, model, adapter_name="default")
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"lora.target_modules {settings.target_modules} matched no layer of the UNet")
+        raise ValueError(f"lora.target_modules {settings.target_modules} matched no layer of the {what}")
     for p in trainable:  # LoRA weights train in fp32 even when the UNet runs in bf16/fp16
         p.data = p.data.float()
     return config
 
 
-def save_lora(unet: torch.nn.Module, lora_config, folder: Path, info: dict) -> Path:
-    """Write `pytorch_lora_weights.safetensors` + `adapter_info.json`, replacing `folder` atomically."""
-    from diffusers import StableDiffusionXLPipeline
+def _layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+
+
+def save_lora(unet: torch.nn.Module, lora_config, folder: Path, info: dict, text_encoders=(), text_lora_config=None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` + `adapter_info.json`, replacing `folder`
+    atomically; with `text_encoders` (both, LoRA-trained), their layers go in the same file."""
+    from diffusers import StableDiffusionXLPipeline
+
+    # Without the metadata a reload assumes alpha == rank and the images change.
+    text = {}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
+        text[f"{name}_lora_layers"] = _layers(encoder)
+        text[f"{name}_lora_adapter_metadata"] = text_lora_config.to_dict()
     with replace_dir(Path(folder)) as tmp:
         StableDiffusionXLPipeline.save_lora_weights(
             tmp,
-            unet_lora_layers=layers,
-            # Without the metadata a reload assumes alpha == rank and the images change.
+            unet_lora_layers=_layers(unet),
             unet_lora_adapter_metadata=lora_config.to_dict(),
             safe_serialization=True,
+            **text,
         )
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return Path(folder)
@@ -101,7 +120,7 @@ def export_kohya(adapter: str | Path, out: str | Path) -> Path:
 
     diffusers' converter writes alpha = rank for every module; the adapter's real alpha (from
     how it was saved) is written over it, or the front ends would scale it wrongly."""
-    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -114,18 +133,29 @@ def export_kohya(adapter: str | Path, out: str | Path) -> Path:
     with safe_open(str(path), "pt") as f:
         header = f.metadata() or {}
     layers = load_file(str(path))
-    unknown = sorted({k.split(".")[0] for k in layers} - {"unet"})
-    if unknown:
-        raise LoraFileError(f"{adapter}: only UNet LoRAs export to kohya so far; found {unknown[0]}.* keys")
-    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in layers.items()})
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft.items()})
-    saved = json.loads(header.get("lora_adapter_metadata", "{}"))  # the LoraConfig, keys prefixed "unet."
-    config = {k.removeprefix("unet."): v for k, v in saved.items() if k.startswith("unet.")}
+    parts = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    for key, value in layers.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in parts:
+            raise LoraFileError(f"{adapter}: {key} belongs to none of unet, text_encoder, text_encoder_2")
+        parts[prefix][rest] = value
+    peft = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(parts["unet"]).items()}
+    for encoder in ("text_encoder", "text_encoder_2"):
+        if parts[encoder]:
+            peft.update({f"{encoder}.{k}": v for k, v in convert_state_dict_to_peft(parts[encoder]).items()})
+    kohya = convert_state_dict_to_kohya(peft)
     info = adapter_info(str(adapter))
-    rank = int(config.get("r") or info.get("rank") or next(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")))
-    alpha = float(config.get("lora_alpha") or info.get("alpha") or rank)
+    # The LoraConfig of each part, keys prefixed with its name ("unet.r", "text_encoder.lora_alpha").
+    saved = json.loads(header.get("lora_adapter_metadata", "{}"))
+    configs = {name: {k.removeprefix(f"{name}."): v for k, v in saved.items() if k.startswith(f"{name}.")}
+               for name in parts}  # fmt: skip
+    unet = configs["unet"]
+    rank = int(unet.get("r") or info.get("rank") or next(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")))
+    alpha = float(unet.get("lora_alpha") or info.get("alpha") or rank)
+    kohya_prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
     for key in [k for k in kohya if k.endswith(".alpha")]:
-        kohya[key] = torch.tensor(alpha)
+        part = next(configs[name] for prefix, name in kohya_prefixes.items() if key.startswith(prefix))
+        kohya[key] = torch.tensor(float(part.get("lora_alpha") or alpha))
     kohya = {k: v.contiguous() for k, v in kohya.items()}
     metadata = {
         "ss_network_module": "networks.lora",

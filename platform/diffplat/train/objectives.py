@@ -15,7 +15,7 @@ import torch
 from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
 from diffplat.models.loading import DTYPES, SDXLParts, load_sdxl_parts
-from diffplat.models.lora import add_lora, save_lora
+from diffplat.models.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
 from diffplat.models.text import encode_prompts
 
 
@@ -79,6 +79,7 @@ class DiffusionObjective:
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
             latents = self.encode_images(pixels, generator)
+        with torch.set_grad_enabled(self.config.train_text_encoder):
             prompt_embeds, pooled = encode_prompts((self.parts.tokenizer, self.parts.tokenizer_2),
                                                    (self.parts.text_encoder, self.parts.text_encoder_2),
                                                    captions, self.device, self.config.max_token_length)  # fmt: skip
@@ -143,8 +144,26 @@ class DiffusionObjective:
         raise NotImplementedError
 
 
+class UnetAndTextEncoders(torch.nn.Module):
+    """What DeepSpeed optimises with train_text_encoder: one module holding all three, so one
+    engine reduces, clips and steps every LoRA layer together. Its forward is the UNet's; the
+    loss calls the text encoders itself."""
+
+    def __init__(self, unet, text_encoder, text_encoder_2):
+        super().__init__()
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+def unet_of(module: torch.nn.Module) -> torch.nn.Module:
+    return module.unet if isinstance(module, UnetAndTextEncoders) else module
+
+
 class LoraObjective(DiffusionObjective):
-    """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora_sdxl.py)."""
+    """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora_sdxl.py), and with
+    train_text_encoder on both text encoders too (its --train_text_encoder)."""
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
@@ -152,10 +171,20 @@ class LoraObjective(DiffusionObjective):
         if config.gradient_checkpointing:
             self.parts.unet.enable_gradient_checkpointing()
         self.parts.unet.to(device)
+        self.text_lora_config, self._module = None, self.parts.unet
+        if config.train_text_encoder:
+            settings = config.lora.model_copy(update={"target_modules": list(TEXT_ENCODER_TARGETS)})
+            encoders = (self.parts.text_encoder, self.parts.text_encoder_2)
+            for encoder in encoders:
+                self.text_lora_config = add_lora(encoder, settings, "text encoder")
+                if config.gradient_checkpointing:
+                    encoder.gradient_checkpointing_enable()
+                encoder.to(device).train()
+            self._module = UnetAndTextEncoders(self.parts.unet, *encoders)
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.parts.unet
+        return self._module
 
     def validation_grid(self, module):
         """One picture of the adapter as it is now: the validation prompts, fixed seeds (None
@@ -167,7 +196,7 @@ class LoraObjective(DiffusionObjective):
         v = self.config.validation
         if not v.prompts:
             return None
-        pipe = self._pipeline(StableDiffusionXLPipeline, unet=module)
+        pipe = self._pipeline(StableDiffusionXLPipeline, unet=unet_of(module))
         width, height = self.config.resolution
         images = [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
                        guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
@@ -182,7 +211,9 @@ class LoraObjective(DiffusionObjective):
                 "train_text_encoder": self.config.train_text_encoder}  # fmt: skip
 
     def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
-        return save_lora(model, self.lora_config, folder, {**self.made_how(), **info})
+        encoders = (model.text_encoder, model.text_encoder_2) if isinstance(model, UnetAndTextEncoders) else ()
+        return save_lora(unet_of(model), self.lora_config, folder, {**self.made_how(), **info}, encoders,
+                         self.text_lora_config)  # fmt: skip
 
 
 INPAINT_CHANNELS = 9  # noisy latents (4) + mask (1) + masked-image latents (4)
@@ -253,7 +284,7 @@ class IcLoraObjective(LoraObjective):
         from diffplat.pictures import grid
 
         v = self.config.validation
-        pipe = self._pipeline(StableDiffusionXLInpaintPipeline, unet=module, requires_aesthetics_score=False)
+        pipe = self._pipeline(StableDiffusionXLInpaintPipeline, unet=unet_of(module), requires_aesthetics_score=False)
         strips = []
         for i, row in enumerate(self.validation_rows(["id", "image", "caption", "layout"])):
             layout = Layout.parse(row["layout"])
