@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["kohya"], default="kohya")
     export.add_argument("--out", required=True, help="the .safetensors file to write")
 
+    imp = sub.add_parser("import-flags", help="turn a source 2 or source 5 training command line into a job YAML",
+                         description="Map the flags of diffusers' train_text_to_image_lora_sdxl.py (source 2) or of "
+                                     "plain PyTorch SDXL fine-tuning (source 5) to a diffplat job. One line a flag on "
+                                     "stderr: mapped, default (the source's, where diffplat's differs), noted or "
+                                     "refused with the reason.")  # fmt: skip
+    imp.add_argument("--out", default=None, metavar="FILE", help="write the job here, whole (default: stdout)")
+    imp.add_argument("flags", nargs=argparse.REMAINDER, metavar="-- FLAGS",
+                     help="the training command line, launcher and script name optional")
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from diffplat.models.lora import export_kohya
 
             print(export_kohya(args.adapter, args.out))
+        elif args.command == "import-flags":
+            from diffplat.import_flags import import_command
+
+            import_command(args.flags, args.out)
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 

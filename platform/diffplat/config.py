@@ -122,11 +122,21 @@ class PairsSource(_Strict):
         return self
 
 
+class FolderSource(_Strict):
+    """Images with captions (sources 1, 3 and 5; diffusers' image folders): a same-named `.txt`
+    per image, or, when the folder has one, `metadata.jsonl` (`file_name` + a caption field)."""
+
+    images: str = Field(description="folder of images")
+    captions: str | None = Field(None, description="folder of <image stem>.txt; default: beside the images")
+    caption_column: str = Field("text", description="metadata.jsonl's caption field (diffusers' --caption_column)")
+
+
 class PrepareConfig(_Strict):
-    source: Literal["bdd", "composites", "pairs"] = "bdd"
+    source: Literal["bdd", "composites", "pairs", "folder"] = "bdd"
     bdd: BddSource | None = None
     composites: CompositeSource | None = None
     pairs: PairsSource | None = None
+    folder: FolderSource | None = None
     output: str = "data"
     rows_per_shard: int = Field(256, gt=0)
     caption_prefix: str = ""

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, composite_rows
+from diffplat.data.folder_source import captioned_images
 from diffplat.data.pairs_source import pair_rows
 from diffplat.data.shards import write_shards
 from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
@@ -44,7 +45,8 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def prepare(config: PrepareConfig, resolve) -> dict:
     """The stage: the configured source -> shards, index files and prepare_report.json."""
-    return {"bdd": prepare_bdd, "composites": prepare_composites, "pairs": prepare_pairs}[config.source](config, resolve)
+    stages = {"bdd": prepare_bdd, "composites": prepare_composites, "pairs": prepare_pairs, "folder": prepare_folder}
+    return stages[config.source](config, resolve)
 
 
 def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path) -> dict:
@@ -110,6 +112,38 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
                   "skipped": skips.reasons, "shards": [p.name for p in shards]}  # fmt: skip
         _finish(out, report, skips.items, len(index) + len(skips.items), resolve(c.csv or c.images))
     write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+    return report
+
+
+def prepare_folder(config: PrepareConfig, resolve) -> dict:
+    """Images with captions (.txt files or metadata.jsonl) -> shards + index_lora.jsonl."""
+    out = resolve(config.output)
+    skips, index, seen = Skips(), [], {}
+
+    def rows():
+        for path, caption in captioned_images(config.folder, resolve, skips):
+            try:
+                data, width, height = _check_image(path)
+            except (OSError, UnidentifiedImageError) as err:
+                skips.add(f"corrupt image ({err})", path.name)
+                continue
+            if path.stem in seen:
+                skips.add(f"same name as {seen[path.stem]}", str(path))
+                continue
+            seen[path.stem] = str(path)
+            caption = config.caption_prefix + caption
+            index.append({"image": str(path), "caption": caption})
+            if len(index) % 500 == 0:
+                log.info("prepare: %d images", len(index))
+            yield {"id": path.stem, "image": data, "caption": caption, "width": width, "height": height,
+                   "source": "folder"}  # fmt: skip
+
+    with replace_dir(out / "shards") as shards_tmp:
+        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
+        report = {"source": "folder", "rows_written": len(index), "skipped": skips.reasons,
+                  "shards": [p.name for p in shards]}  # fmt: skip
+        _finish(out, report, skips.items, len(index) + len(skips.items), resolve(config.folder.images))
+    write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in index))
     return report
 
 

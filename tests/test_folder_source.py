@@ -1,0 +1,73 @@
+"""`prepare.source: folder`: images with `.txt` captions, or diffusers' metadata.jsonl."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from diffplat.config import PrepareConfig
+from diffplat.data.prepare import NothingUsable, prepare
+
+
+def _images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (10 * i, 80, 160)).save(folder / name)
+
+
+def _prepare(tmp_path, **folder):
+    config = PrepareConfig(source="folder", folder=folder, output=str(tmp_path / "data"))
+    return prepare(config, Path)
+
+
+def _rows(tmp_path) -> list[dict]:
+    return [r for p in sorted((tmp_path / "data" / "shards").glob("*.parquet"))
+            for r in pq.read_table(p, columns=["id", "caption", "width"]).to_pylist()]  # fmt: skip
+
+
+def test_text_captions_beside_the_images_with_bad_items_named(tmp_path):
+    folder = tmp_path / "pics"
+    _images(folder, ["a.png", "b.png", "c.png", "d.png"])
+    (folder / "a.txt").write_text("a red car on a bridge\n")
+    (folder / "b.txt").write_text("   ")
+    (folder / "c.txt").write_bytes(b"\xff\xfe caption")
+    (folder / "e.png").write_bytes(b"not a png")
+    (folder / "e.txt").write_text("a broken image")
+    report = _prepare(tmp_path, images=str(folder))
+    assert [(r["id"], r["caption"], r["width"]) for r in _rows(tmp_path)] == [("a", "a red car on a bridge", 40)]
+    assert report["skipped"] == {"caption b.txt is empty": 1, "caption c.txt is not UTF-8": 1,
+                                 "missing caption": 1, "corrupt image": 1}  # fmt: skip
+    assert any(s.startswith("d.png: missing caption (no d.txt)") for s in report["skipped_items"])
+    index = [json.loads(line) for line in (tmp_path / "data" / "index_lora.jsonl").read_text().splitlines()]
+    assert index == [{"image": str(folder / "a.png"), "caption": "a red car on a bridge"}]
+
+
+def test_metadata_jsonl_as_diffusers_image_folders_have_it(tmp_path):
+    folder = tmp_path / "imagefolder"
+    _images(folder, ["x.png", "sub/y.png"])
+    lines = [
+        {"file_name": "x.png", "caption": "a van at dusk"},
+        {"file_name": "sub/y.png", "caption": "a bus in the rain"},
+        {"file_name": "gone.png", "caption": "nothing there"},
+        {"file_name": "../x.png", "caption": "outside"},
+        {"file_name": "x.png"},
+    ]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n{broken\n")
+    report = _prepare(tmp_path, images=str(folder), caption_column="caption")
+    assert sorted((r["id"], r["caption"]) for r in _rows(tmp_path)) == [("x", "a van at dusk"), ("y", "a bus in the rain")]
+    assert report["skipped"] == {"no such image": 1, "file_name leaves the folder": 1,
+                                 "no caption in field 'caption'": 1, "not JSON": 1}  # fmt: skip
+
+
+def test_a_rerun_with_nothing_usable_keeps_the_previous_shards(tmp_path):
+    folder = tmp_path / "pics"
+    _images(folder, ["a.png"])
+    (folder / "a.txt").write_text("a tram")
+    _prepare(tmp_path, images=str(folder))
+    (folder / "a.txt").unlink()
+    with pytest.raises(NothingUsable, match="no usable rows"):
+        _prepare(tmp_path, images=str(folder))
+    assert [r["caption"] for r in _rows(tmp_path)] == ["a tram"]
