@@ -60,6 +60,18 @@ def mean_over_workers(loss_sum, count: int, device) -> float:
     return float(totals[0] / totals[1].clamp_min(1))
 
 
+def _timed(batches, waited: list[float]):
+    """The batches, adding the seconds spent waiting for each to waited[0]."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        waited[0] += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -195,7 +207,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Losses add up on the device and are read once per log line: .item() each step would
     # make the GPU wait for the host.
     window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
-    window_start = time.perf_counter()
+    window_start, waited = time.perf_counter(), [0.0]
     engine.train()
     while step < config.max_train_steps:
         # The shuffle is reseeded each epoch from (seed, rank, epoch): a resumed run replays
@@ -206,7 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=config.shuffle_buffer or None,
                                      local_shuffle_seed=(config.seed + 7919 * rank + 104729 * epoch) % 2**32)  # fmt: skip
-        for batch in batches:
+        for batch in _timed(batches, waited):
             batch_in_epoch += 1
             if batch_in_epoch <= skip:
                 continue
@@ -230,15 +242,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "lr": engine.get_lr()[0],
                     "images_per_s": window_images / elapsed,  # all workers
                     "step_time_s": elapsed / window_steps,  # one optimizer step, accumulation included
+                    # the share of the time this worker (rank 0) sat waiting for its next batch
+                    "data_wait_share": min(1.0, waited[0] / elapsed),
                 }
                 logger.log_metrics(metrics, step)
                 if rank == 0:
                     eta = (config.max_train_steps - step) * metrics["step_time_s"]
-                    log.info("train: step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s %.2f s/step eta %s", step,
-                             config.max_train_steps, epoch, metrics["loss"], metrics["lr"], metrics["images_per_s"],
-                             metrics["step_time_s"], _duration(eta))  # fmt: skip
+                    log.info("train: step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s %.2f s/step data wait %.0f%% "
+                             "eta %s", step, config.max_train_steps, epoch, metrics["loss"], metrics["lr"],
+                             metrics["images_per_s"], metrics["step_time_s"], 100 * metrics["data_wait_share"],
+                             _duration(eta))  # fmt: skip
                 window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
-                window_start = time.perf_counter()
+                window_start, waited[0] = time.perf_counter(), 0.0
             if every and step % every == 0 and step < config.max_train_steps:
                 validate(step)
             checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
