@@ -147,7 +147,10 @@ def _log_sheet(images: Path, out: Path, columns: int = 4, thumb_width: int = 256
 
 
 def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
+    from diffplat.preflight import check_job_paths
+
     work = Workdir(Path(workdir).resolve())
+    check_job_paths(config, work.path)  # before Ray or MLflow start: a wrong path is one line
     work.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = tracking.tracking_uri(config.tracking, work.root)

@@ -28,7 +28,14 @@ def load_detector(model: str):
     # of its own and Ray Tune callbacks): this stage logs through diffplat's tracking only.
     os.environ.setdefault("YOLO_VERBOSE", "False")
     from ultralytics import YOLO, settings
+    from ultralytics.utils import patches
 
+    # ultralytics replaces PIL's Image.open process-wide with one that, on bytes PIL cannot
+    # identify, pip-installs pi-heif (a download at run time) and raises ModuleNotFoundError
+    # offline, so a corrupt image elsewhere in this process would no longer be a clean skip.
+    from PIL import Image
+
+    Image.open = patches._image_open
     settings.update({"mlflow": False, "raytune": False, "sync": False, "tensorboard": False, "wandb": False})
     if not model.endswith((".yaml", ".yml")) and not Path(model).is_file():
         raise FileNotFoundError(f"filter.model: {model} is not a file (give a YOLO weights file or a model yaml)")

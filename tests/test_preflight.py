@@ -1,0 +1,69 @@
+"""Every model, adapter, VAE and data path of a job is checked before Ray starts."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffplat.config import parse_config
+from diffplat.preflight import PreflightError, check_job_paths
+
+
+def _job(**stages) -> dict:
+    return {"name": "preflight", **stages}
+
+
+def _check(tmp_path, job: dict) -> None:
+    check_job_paths(parse_config(job), lambda v: (tmp_path / v).resolve() if not Path(v).is_absolute() else Path(v))
+
+
+def test_a_wrong_model_path_fails_fast_with_one_line(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(generate={"base_model": "models/sdxl-typo", "prompts": ["a road"]})))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "run", str(job), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)  # fmt: skip
+    seconds = time.perf_counter() - start
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert lines == ["diffplat: generate.base_model: models/sdxl-typo is not a folder here, and as a hub id it is not "
+                     "in the local hub cache (HF_HUB_OFFLINE=1)"], proc.stderr[-2000:]  # fmt: skip
+    assert seconds < 5, f"{seconds:.1f} s"
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started, not even the job's MLflow run
+
+
+def test_every_kind_of_path_is_named(tmp_path, tiny_sdxl, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "model.pt").write_bytes(b"pickle")
+    (tmp_path / "empty-shards").mkdir()
+    job = _job(
+        prepare={"source": "folder", "folder": {"images": "no-images"}},
+        train={"base_model": "not-a-model", "vae": "someorg/vae-not-cached", "data": "empty-shards",
+               "max_train_steps": 1},
+        generate={"base_model": str(tiny_sdxl), "lora": "model.pt", "prompts_file": "prompts.txt"},
+        filter={"images": "elsewhere", "model": "weights/yolo.pt"},
+    )  # fmt: skip
+    with pytest.raises(PreflightError) as err:
+        _check(tmp_path, job)
+    lines = str(err.value).splitlines()
+    fields = [line.split(":")[0] for line in lines]
+    assert fields == ["prepare.folder.images", "train.base_model", "train.vae", "train.data", "generate.lora",
+                      "generate.prompts_file", "filter.model", "filter.images"]  # fmt: skip
+    assert "not-a-model has no model_index.json" in lines[1]
+    assert "someorg/vae-not-cached" in lines[2] and "hub cache" in lines[2]
+    assert "a pickled LoRA (.pt) is refused" in lines[4]
+
+
+def test_what_an_earlier_stage_writes_is_not_checked(tmp_path, tiny_sdxl, bdd_dir):
+    job = _job(
+        prepare={"bdd": {"images": str(bdd_dir / "images"), "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}},
+        train={"base_model": str(tiny_sdxl), "data": "data/shards", "max_train_steps": 1, "output": "adapters/lora"},
+        generate={"base_model": str(tiny_sdxl), "lora": "adapters/lora", "prompts": ["a road"], "output": "gen"},
+        filter={"images": "gen"},
+    )  # fmt: skip
+    _check(tmp_path, job)  # no error: shards, adapter and images come from the job itself
