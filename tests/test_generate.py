@@ -80,3 +80,86 @@ def test_prompts_come_from_list_and_file_and_missing_file_is_named(tmp_path):
     assert [(r["index"], r["prompt"], r["seed"]) for r in rows[:3]] == [(0, "zero", 5), (1, "zero", 6), (2, "one", 7)]
     with pytest.raises(FileNotFoundError, match="generate.prompts_file: .*nope.txt is not a file"):
         read_prompts(config.model_copy(update={"prompts_file": str(tmp_path / "nope.txt")}))
+
+
+def test_templates_shards_and_simple_names(tmp_path, bdd_dir):
+    from diffplat.config import GenerateConfig, PrepareConfig
+    from diffplat.data.prepare import prepare
+    from diffplat.infer.generate import generation_requests, read_prompts
+
+    template = {"text": "a {weather} street at {time}", "values": {"weather": ["rainy", "clear"], "time": ["dawn", "night"]}}
+    config = GenerateConfig(base_model="m", prompt_template=template, output_format="simple", seed=3)
+    prompts = read_prompts(config)
+    assert prompts == ["a rainy street at dawn", "a rainy street at night", "a clear street at dawn",
+                       "a clear street at night"]  # fmt: skip
+    assert generation_requests(config, prompts)[1]["name"] == "a_rainy_street_at_night_4.png"
+    with pytest.raises(ValueError, match="the template names \\['time', 'weather'\\] and values are given for \\['weather'\\]"):
+        GenerateConfig(base_model="m", prompt_template={"text": template["text"], "values": {"weather": ["x"]}})
+    paths = {"images": str(bdd_dir / "images"), "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}
+    report = prepare(PrepareConfig(bdd=paths, output=str(tmp_path / "data")), lambda v: tmp_path / v)
+    captions = read_prompts(GenerateConfig(base_model="m", prompts_from_shards=str(tmp_path / "data" / "shards")))
+    index = [json.loads(line)["caption"] for line in (tmp_path / "data" / "index_lora.jsonl").read_text().splitlines()]
+    assert len(captions) == report["rows_written"] > 0 and sorted(captions) == sorted(index)
+
+
+def test_several_loras_each_with_its_scale_as_stock_diffusers_mixes_them(tmp_path, tiny_sdxl, local_ray):
+    from diffusers import StableDiffusionXLPipeline
+
+    make_lora(tiny_sdxl, tmp_path / "a", seed=1)
+    make_lora(tiny_sdxl, tmp_path / "b", seed=2)
+    run_job(parse_config({"name": "mix", "generate": {
+        "base_model": str(tiny_sdxl), "loras": [{"path": "a", "scale": 0.8}, {"path": "b", "scale": 0.3}],
+        "prompts": ["a car on a road"], "resolution": [64, 64], "num_inference_steps": 3, "seed": 4}}), tmp_path)  # fmt: skip
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "a"), adapter_name="x")
+    pipe.load_lora_weights(str(tmp_path / "b"), adapter_name="y")
+    pipe.set_adapters(["x", "y"], adapter_weights=[0.8, 0.3])
+    image = pipe("a car on a road", width=64, height=64, num_inference_steps=3, generator=torch.Generator().manual_seed(4)).images[0]
+    ours = np.asarray(Image.open(tmp_path / "generations" / "images" / "000000.png"), dtype=np.int16)
+    assert np.abs(ours - np.asarray(image, dtype=np.int16)).max() <= 2
+    record = json.loads((tmp_path / "generations" / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["adapters"] == [{"path": str(tmp_path / "a"), "scale": 0.8}, {"path": str(tmp_path / "b"), "scale": 0.3}]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_bulk_run_killed_midway_goes_on_where_it_stopped(tmp_path, tiny_sdxl):
+    """2 replicas, 32 images; the whole process group killed once images appear; the same
+    command again makes only the missing ones: every index exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "bulk", "ray": {"num_cpus": 2}, "generate": {
+        "base_model": str(tiny_sdxl), "prompts": [f"a street, scene {i}" for i in range(8)], "num_generations": 4,
+        "resolution": [64, 64], "num_inference_steps": 2, "replicas": 2, "cpus_per_replica": 1, "batch_size": 2}}))  # fmt: skip
+    command = [sys.executable, "-m", "diffplat", "run", str(job), "--workdir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    images = tmp_path / "generations" / "images"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and len(list(images.glob("*.png"))) < 6:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = len((tmp_path / "generations" / "metadata.jsonl").read_text().splitlines())
+    assert 0 < done_before < 32, f"{done_before} images before the kill: the test needs the run stopped midway"
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{done_before} of 32 images are already in" in second.stderr
+    records = [json.loads(line) for line in (tmp_path / "generations" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(32))  # none twice, none lost
+    assert all(r["seed"] == r["index"] for r in records)
+    assert len(list(images.glob("*.png"))) == 32 and not list(images.glob(".*"))
+    coco = json.loads((tmp_path / "generations" / "coco_images.json").read_text())
+    assert len(coco["images"]) == 32 and coco["images"][0] == {"id": 1, "file_name": "images/000000.png", "width": 64,
+                                                               "height": 64, "diffplat_index": 0}  # fmt: skip
+    # another generation into the same folder is refused, not mixed in
+    job.write_text(job.read_text().replace("num_inference_steps: 2", "num_inference_steps: 3"))
+    third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert third.returncode != 0 and "holds images of another generation (it differs in num_inference_steps)" in third.stderr

@@ -321,6 +321,35 @@ class MapGenerateSettings(_Strict):
     save_comparison: bool = True
 
 
+class LoraRef(_Strict):
+    path: str = Field(description="a LoRA folder or .safetensors file")
+    scale: float = 1.0
+
+
+class PromptTemplate(_Strict):
+    """Prompts from a template: every combination of the variables' values is one prompt."""
+
+    text: str = Field(description="e.g. 'a {weather} street at {time}, dashcam photo'")
+    values: dict[str, list[str]] = Field(description="each variable's values")
+
+    @model_validator(mode="after")
+    def _variables(self) -> "PromptTemplate":
+        import string
+
+        named = {f for _, f, _, _ in string.Formatter().parse(self.text) if f}
+        if named != set(self.values):
+            raise ValueError(f"the template names {sorted(named)} and values are given for {sorted(self.values)}")
+        if any(not v for v in self.values.values()):
+            raise ValueError("every variable needs at least one value")
+        return self
+
+    def prompts(self) -> list[str]:
+        import itertools
+
+        keys = list(self.values)
+        return [self.text.format(**dict(zip(keys, combo))) for combo in itertools.product(*self.values.values())]
+
+
 class GenerateConfig(_Strict):
     kind: Literal["text_to_image", "ic_lora", "controlnet"] = "text_to_image"
     base_model: str
@@ -329,6 +358,13 @@ class GenerateConfig(_Strict):
     variant: str | None = None
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = Field(None, description="one prompt per line")
+    prompts_from_shards: str | None = Field(None, description="a folder of prepare shards: their captions are prompts")
+    prompt_template: PromptTemplate | None = None
+    loras: list[LoraRef] = Field(default_factory=list, description="several LoRAs at once, each with its scale "
+                                 "(text_to_image)")  # fmt: skip
+    output_format: Literal["coco", "simple"] = Field("coco", description="coco: numbered images + COCO images JSON; "
+                                                     "simple: named after the prompt and seed")  # fmt: skip
+    overwrite: bool = Field(False, description="start the output afresh; default: go on, making only missing images")
     negative_prompt: str = ""
     adapter_scale: float = 1.0
     resolution: ModelResolution = (1024, 1024)
@@ -356,15 +392,26 @@ class GenerateConfig(_Strict):
         elif self.kind == "controlnet":
             if self.controlnet is None:
                 raise ValueError("kind: controlnet needs a `controlnet` section (model, maps, ...)")
-        elif not self.prompts and not self.prompts_file:
-            raise ValueError("give `prompts` or `prompts_file`")
+        elif not (self.prompts or self.prompts_file or self.prompts_from_shards or self.prompt_template):
+            raise ValueError("give `prompts`, `prompts_file`, `prompts_from_shards` or `prompt_template`")
+        if self.loras and self.kind != "text_to_image":
+            raise ValueError("loras: several LoRAs at once are for kind text_to_image; give one `lora`")
+        if self.loras and self.lora:
+            raise ValueError("give `lora` (with adapter_scale) or `loras`, not both")
         return self
 
 
 class FilterRules(_Strict):
     min_confidence: float = Field(0.25, ge=0, le=1, description="detections below this do not count")
+    class_min_confidence: dict[str, float] = Field(default_factory=dict, description="per class, instead of "
+                                                   "min_confidence, e.g. {person: 0.5}")  # fmt: skip
     required_classes: list[str] = Field(default_factory=list, description="every one must be detected")
     min_count: int = Field(0, ge=0, description="at least this many counted detections")
+    max_count: int | None = Field(None, ge=0, description="at most this many counted detections")
+    max_edge_share: float | None = Field(None, ge=0, le=1, description="largest share of counted boxes that may "
+                                         "touch the image edge (cut-off objects)")  # fmt: skip
+    edge_margin: float = Field(0.01, ge=0, lt=0.5, description="a box this close to a border (share of the side) "
+                               "touches it")  # fmt: skip
 
 
 class FilterConfig(_Strict):
@@ -376,6 +423,11 @@ class FilterConfig(_Strict):
     device: str = "cpu"
     rules: FilterRules = FilterRules()
     save_annotated: bool = True
+    batch_size: int = Field(16, gt=0, description="images per detector call")
+    replicas: int = Field(1, gt=0, description="detector copies on Ray Data; one per GPU on a cluster")
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    gallery_per_page: int = Field(500, gt=0, description="images on one page of gallery/")
 
 
 class JobConfig(_Strict):

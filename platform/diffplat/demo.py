@@ -78,7 +78,7 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
         f"  data         {out / 'data'}  ({prep.get('rows_written')} rows, skipped {prep.get('skipped')})",
         f"  lora         {out / 'adapters/lora'}  (final loss {train.get('final_loss', float('nan')):.4f})",
         f"  generations  {out / 'generations'}  ({gen.get('images')} images, contact_sheet.png, labels/, annotated/)",
-        f"  filter       kept {filt.get('kept')} of {filt.get('images')}: {out / 'generations/filter_report.json'}",
+        f"  filter       kept {filt.get('kept')} of {filt.get('images')}: {out / 'generations/gallery/index.html'}",
         f"  composites   {out / 'data-ic/composites'}  ({ic_prep.get('rows_written')} of layout {ic_prep.get('layout')})",
         f"  ic_lora      {out / 'adapters/ic_lora'}  (final loss {ic_train.get('final_loss', float('nan')):.4f})",
         f"  fills        {out / 'ic_lora'}  ({ic_gen.get('images')} composites, panels 2 3 filled, comparisons/)",

@@ -142,7 +142,12 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
         check.model("generate.vae", g.vae, "config.json", "VAE")
         if g.lora and not made(g.lora):
             check.lora("generate.lora", g.lora)
+        for i, adapter in enumerate(g.loras):
+            if not made(adapter.path):
+                check.lora(f"generate.loras[{i}].path", adapter.path)
         check.file("generate.prompts_file", g.prompts_file)
+        if g.prompts_from_shards and not made(g.prompts_from_shards):
+            check.shards("generate.prompts_from_shards", g.prompts_from_shards)
         if g.ic_lora and not made(g.ic_lora.inputs):
             check.folder("generate.ic_lora.inputs", g.ic_lora.inputs)
         if g.controlnet:

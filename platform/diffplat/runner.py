@@ -98,7 +98,9 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
         "lora": str(work.path(c.lora)) if c.lora else None,
+        "loras": [a.model_copy(update={"path": str(work.path(a.path))}) for a in c.loras],
         "prompts_file": str(work.path(c.prompts_file)) if c.prompts_file else None,
+        "prompts_from_shards": str(work.path(c.prompts_from_shards)) if c.prompts_from_shards else None,
     }
     if c.ic_lora:
         update["ic_lora"] = c.ic_lora.model_copy(update={"inputs": str(work.path(c.ic_lora.inputs))})
@@ -110,8 +112,9 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
             "bdd_labels": [str(work.path(p)) for p in n.bdd_labels]})  # fmt: skip
     output = work.path(c.output)
     result = run_generation(c.model_copy(update=update), output)
-    tracking.log_metrics({k: result[k] for k in ("images", "skipped", "images_per_s")})
+    tracking.log_metrics({k: result[k] for k in ("images", "made_now", "skipped", "images_per_s")})
     tracking.log_artifacts(output / "metadata.jsonl")
+    tracking.log_artifacts(output / "coco_images.json")
     _log_sheet(output / "images", output / "contact_sheet.png")
     _log_sheet(output / "comparisons", output / "comparison_sheet.png", columns=1, thumb_width=768)
     return {"folder": str(output), **result}
@@ -127,6 +130,8 @@ def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     report = run_filter(c, folder, model)
     tracking.log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate")})
     tracking.log_artifacts(folder / "filter_report.json")
+    tracking.log_artifacts(folder / "coco_annotations.json")
+    tracking.log_artifacts(folder / "gallery", "gallery")  # its pictures stay beside the images
     _log_sheet(folder / "annotated", folder / "annotated_sheet.png")
     return {k: v for k, v in report.items() if k != "per_image"}
 

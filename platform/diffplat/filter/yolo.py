@@ -1,12 +1,17 @@
-"""The `filter` stage: YOLO detection on a generations folder, labels, rules, a dataset.
+"""The `filter` stage: YOLO detection over a generations folder on Ray Data, rules, a dataset.
 
-Writes into the generations folder: `labels/` (YOLO txt, one per image), `annotated/`
-(boxes drawn), `dataset/` (kept images + labels + data.yaml, which ultralytics trains on
-directly) and `filter_report.json`.
+Detector replicas are Ray Data actors (one per GPU on a cluster, `replicas` of them) taking
+batches of image paths; the driver writes, into the generations folder: `labels/` (YOLO txt,
+one per image), `annotated/` (boxes drawn), `dataset/` (kept images + labels + data.yaml,
+which ultralytics trains on from any folder, also after it is moved), COCO annotations
+(`coco_annotations.json`, and `dataset/annotations.json` for the kept images),
+`filter_report.json` (every image's verdict and reasons) and `gallery/` (static HTML).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import shutil
@@ -16,90 +21,180 @@ from pathlib import Path
 import yaml
 
 from diffplat.config import FilterConfig
-from diffplat.filter.rules import Detection, decide
+from diffplat.filter.rules import Detection, decide, lowest_threshold, threshold
 from diffplat.fileio import replace_dir, write_json_atomic
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
+
 
 def load_detector(model: str):
     """A YOLO model from a weights file, or built from a yaml that ships in ultralytics."""
     # ultralytics switches on integrations for installed packages (it would start an MLflow run
     # of its own and Ray Tune callbacks): this stage logs through diffplat's tracking only.
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    from PIL import Image
     from ultralytics import YOLO, settings
     from ultralytics.utils import patches
 
     # ultralytics replaces PIL's Image.open process-wide with one that, on bytes PIL cannot
     # identify, pip-installs pi-heif (a download at run time) and raises ModuleNotFoundError
     # offline, so a corrupt image elsewhere in this process would no longer be a clean skip.
-    from PIL import Image
-
     Image.open = patches._image_open
     settings.update({"mlflow": False, "raytune": False, "sync": False, "tensorboard": False, "wandb": False})
-    if not model.endswith((".yaml", ".yml")) and not Path(model).is_file():
-        raise FileNotFoundError(f"filter.model: {model} is not a file (give a YOLO weights file or a model yaml)")
-    return YOLO(model)
+    if not model.endswith((".yaml", ".yml")):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"filter.model: {model} is not a file (give a YOLO weights file or a model yaml)")
+        return YOLO(model)
+    import torch
+
+    # A yaml builds random weights: the same ones in every replica (and run), from one seed.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return YOLO(model)
 
 
 def _detections(result) -> list[Detection]:
-    boxes = result.boxes
-    names = result.names
-    out = []
-    for cls, conf, xywhn in zip(boxes.cls.tolist(), boxes.conf.tolist(), boxes.xywhn.tolist()):
-        out.append(Detection(names[int(cls)], int(cls), float(conf), tuple(float(v) for v in xywhn)))
-    return out
+    boxes, names = result.boxes, result.names
+    return [Detection(names[int(cls)], int(cls), float(conf), tuple(float(v) for v in xywhn))
+            for cls, conf, xywhn in zip(boxes.cls.tolist(), boxes.conf.tolist(), boxes.xywhn.tolist())]  # fmt: skip
 
 
 def _label_lines(detections: list[Detection]) -> str:
     return "".join(f"{d.class_id} {' '.join(f'{v:.6f}' for v in d.box_xywhn)}\n" for d in detections)
 
 
+class Detector:
+    """A detector replica (a Ray Data actor): loads the model once, then turns batches of image
+    paths into detections (JSON) and annotated images."""
+
+    def __init__(self, model: str, config: dict):
+        self.config = FilterConfig.model_validate(config)
+        self.model = load_detector(model)
+
+    def _predict(self, paths: list[str]):
+        c = self.config
+        return self.model.predict(source=paths, imgsz=c.imgsz, conf=lowest_threshold(c.rules), iou=c.iou,
+                                  device=c.device, verbose=False)  # fmt: skip
+
+    def _row(self, path: str, result) -> dict:
+        from PIL import Image
+
+        annotated = b""
+        if self.config.save_annotated:
+            buf = io.BytesIO()
+            Image.fromarray(result.plot(conf=True)[..., ::-1]).save(buf, format=Image.registered_extensions().get(
+                Path(path).suffix.lower(), "PNG"))  # fmt: skip
+            annotated = buf.getvalue()
+        height, width = result.orig_shape
+        found = [d.__dict__ for d in _detections(result)]
+        return {"detections": json.dumps(found), "annotated": annotated, "width": width, "height": height, "error": ""}
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        paths = [str(p) for p in batch["path"]]
+        try:
+            rows = [self._row(p, r) for p, r in zip(paths, self._predict(paths))]
+        except Exception:  # one unreadable image fails the whole batch: go one by one
+            rows = []
+            for path in paths:
+                try:
+                    rows.append(self._row(path, self._predict([path])[0]))
+                except Exception as err:
+                    rows.append({"detections": "[]", "annotated": b"", "width": 0, "height": 0,
+                                 "error": f"{Path(path).name}: cannot detect ({type(err).__name__}: {err})"})  # fmt: skip
+        return {"path": np.array(paths, dtype=object), **{k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}}
+
+
+def coco_annotations(entries: list[dict], names: dict[int, str]) -> dict:
+    """COCO detection JSON: images, annotations (boxes in pixels, with scores), categories."""
+    images, annotations = [], []
+    for image_id, entry in enumerate(entries, 1):
+        w, h = entry["width"], entry["height"]
+        images.append({"id": image_id, "file_name": entry["file_name"], "width": w, "height": h})
+        for d in entry["detections"]:
+            x, y, bw, bh = d.box_xywhn
+            box = [round((x - bw / 2) * w, 2), round((y - bh / 2) * h, 2), round(bw * w, 2), round(bh * h, 2)]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": d.class_id,
+                                "bbox": box, "area": round(box[2] * box[3], 2), "iscrowd": 0,
+                                "score": round(d.confidence, 4)})  # fmt: skip
+    categories = [{"id": int(i), "name": str(n)} for i, n in sorted(names.items())]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _generation_metadata(folder: Path) -> dict[str, dict]:
+    """Prompt and seed of each image, from the generate stage's metadata.jsonl (if there)."""
+    found = {}
+    path = folder / "metadata.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            found[Path(str(record.get("file_name", ""))).name] = record
+    return found
+
+
 def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
-    """Detect, label and filter every image in `folder/images`."""
+    """Detect, label and filter every image in `folder/images` on Ray Data detector actors."""
+    import ray.data
+
+    from diffplat.filter.gallery import write_gallery
+
     images = list_images(folder / "images")
     if not images:
         raise FileNotFoundError(f"filter: no images in {folder / 'images'}")
-    model = load_detector(model_path)
-    names = dict(model.names)
-    per_image, kept, reasons = {}, [], Counter()
-    class_counts: Counter[str] = Counter()
+    names = {int(k): str(v) for k, v in load_detector(model_path).names.items()}  # the detector's own classes
+    ds = ray.data.from_items([{"path": str(p)} for p in images]).map_batches(
+        Detector,
+        fn_constructor_args=(model_path, config.model_dump(mode="json")),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        concurrency=config.replicas,
+        num_gpus=config.gpus_per_replica,
+        num_cpus=config.cpus_per_replica,
+    )
+    per_image, entries, reasons, class_counts, errors = {}, [], Counter(), Counter(), []
     with replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir:
-        results = model.predict(
-            source=[str(p) for p in images],
-            imgsz=config.imgsz,
-            conf=min(config.rules.min_confidence, 0.25) or 0.001,
-            iou=config.iou,
-            device=config.device,
-            stream=True,
-            verbose=False,
-        )
-        for n, (path, result) in enumerate(zip(images, results), 1):
-            detections = _detections(result)
-            counted = [d for d in detections if d.confidence >= config.rules.min_confidence]
+        for n, row in enumerate(ds.iter_rows(), 1):
+            path = Path(row["path"])
+            if row["error"]:
+                errors.append(row["error"])
+                per_image[path.name] = {"kept": False, "reasons": [row["error"]], "detections": 0, "classes": {}}
+                reasons["cannot detect"] += 1
+                continue
+            detections = [Detection(d["class_name"], d["class_id"], d["confidence"], tuple(d["box_xywhn"]))
+                          for d in json.loads(row["detections"])]  # fmt: skip
+            counted = [d for d in detections if d.confidence >= threshold(config.rules, d.class_name)]
             (labels_dir / f"{path.stem}.txt").write_text(_label_lines(counted))
-            if config.save_annotated:
-                from PIL import Image
-
-                Image.fromarray(result.plot(conf=True)[..., ::-1]).save(annotated_dir / path.name)
+            if row["annotated"]:
+                (annotated_dir / path.name).write_bytes(row["annotated"])
             keep, why = decide(detections, config.rules)
-            class_counts.update(d.class_name for d in counted)
-            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(counted)}
-            if keep:
-                kept.append(path)
+            classes = Counter(d.class_name for d in counted)
+            class_counts.update(classes)
+            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(counted), "classes": dict(classes)}
+            entries.append({"file_name": path.name, "width": int(row["width"]), "height": int(row["height"]),
+                            "detections": counted, "kept": keep})  # fmt: skip
             reasons.update(why)
-            if n % 20 == 0 or n == len(images):
-                log.info("filter: %d/%d images, %d kept", n, len(images), len(kept))
-    dataset = folder / "dataset"
-    with replace_dir(dataset) as tmp:
+            if n % 50 == 0 or n == len(images):
+                log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
+    kept = [e for e in entries if e["kept"]]
+    write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))
+    with replace_dir(folder / "dataset") as tmp:
         for sub in ("images/train", "labels/train"):
             (tmp / sub).mkdir(parents=True)
-        for path in kept:
-            shutil.copy2(path, tmp / "images/train" / path.name)
-            shutil.copy2(folder / "labels" / f"{path.stem}.txt", tmp / "labels/train" / f"{path.stem}.txt")
-        # `path` is relative to data.yaml's own folder, so the dataset can be moved or copied.
-        data_yaml = {"path": ".", "train": "images/train", "val": "images/train", "names": names}
+        for entry in kept:
+            name = entry["file_name"]
+            shutil.copy2(folder / "images" / name, tmp / "images/train" / name)
+            shutil.copy2(folder / "labels" / f"{Path(name).stem}.txt", tmp / "labels/train" / f"{Path(name).stem}.txt")
+        # No `path:` key: ultralytics then reads the lists against data.yaml's own folder, so the
+        # dataset trains from any working directory and after it is moved (a relative `path:`
+        # would be read against the working directory).
+        data_yaml = {"train": "images/train", "val": "images/train", "names": names}
         (tmp / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False))
+        (tmp / "annotations.json").write_text(json.dumps(coco_annotations(kept, names)))
     report = {
         "model": model_path,
         "rules": config.rules.model_dump(),
@@ -109,9 +204,10 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         "keep_rate": len(kept) / len(images),
         "rejection_reasons": dict(reasons),
         "detections_by_class": dict(class_counts),
+        "errors": errors[:1000],
         "per_image": per_image,
     }
     write_json_atomic(folder / "filter_report.json", report)
-    log.info("filter: kept %d of %d images", len(kept), len(images))
+    write_gallery(folder, per_image, _generation_metadata(folder), config.gallery_per_page)
+    log.info("filter: kept %d of %d images (gallery: %s)", len(kept), len(images), folder / "gallery" / "index.html")
     return report
-

@@ -7,28 +7,44 @@ COCO-style numbered images plus one `metadata.jsonl` line per image.
 from __future__ import annotations
 
 import io
-import json
 import logging
+import re
 import time
 from pathlib import Path
 
 from diffplat.config import GenerateConfig
-from diffplat.fileio import replace_dir
 
 log = logging.getLogger("diffplat")
 
 
 def read_prompts(config: GenerateConfig) -> list[str]:
+    """The prompts, in this order: `prompts`, `prompts_file` (one a line, # comments), the
+    captions of `prompts_from_shards` (e.g. BDD scenes captioned from their labels), and every
+    combination of `prompt_template`'s values."""
     prompts = list(config.prompts)
     prompts_file = Path(config.prompts_file) if config.prompts_file else None
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise FileNotFoundError(f"generate.prompts_file: {prompts_file} is not a file")
-        lines = [line.strip() for line in prompts_file.read_text().splitlines()]
+        lines = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines()]
         prompts += [line for line in lines if line and not line.startswith("#")]
+    if config.prompts_from_shards:
+        from diffplat.data.shards import iter_rows
+
+        prompts += [str(row["caption"]) for row in iter_rows(Path(config.prompts_from_shards), columns=["caption"])]
+    if config.prompt_template:
+        prompts += config.prompt_template.prompts()
     if not prompts:
-        raise ValueError(f"generate: no prompts (prompts_file {prompts_file} is empty)")
+        raise ValueError("generate: no prompts (the prompts file, shards or template gave none)")
     return prompts
+
+
+def image_name(index: int, prompt: str, seed: int, output_format: str) -> str:
+    """`coco`: numbered (000042.png); `simple`: the prompt's first words and the seed."""
+    if output_format == "coco":
+        return f"{index:06d}.png"
+    words = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "image"
+    return f"{words}_{seed}.png"
 
 
 def generation_requests(config: GenerateConfig, prompts: list[str]) -> list[dict]:
@@ -37,7 +53,9 @@ def generation_requests(config: GenerateConfig, prompts: list[str]) -> list[dict
     for p, prompt in enumerate(prompts):
         for g in range(config.num_generations):
             index = p * config.num_generations + g
-            rows.append({"index": index, "prompt": prompt, "seed": config.seed + index})
+            seed = config.seed + index
+            rows.append({"index": index, "prompt": prompt, "seed": seed,
+                         "name": image_name(index, prompt, seed, config.output_format)})  # fmt: skip
     return rows
 
 
@@ -107,7 +125,8 @@ class Generator:
                 max_token_length=self.max_token_length,
             )  # fmt: skip
         else:
-            self.pipe = load_pipeline(c.base_model, c.vae, c.variant, dtype, scheduler=c.scheduler, lora=c.lora)
+            self.pipe = load_pipeline(c.base_model, c.vae, c.variant, dtype, scheduler=c.scheduler, lora=c.lora,
+                                      loras=[(a.path, a.scale) for a in c.loras])  # fmt: skip
         self.pipe.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
@@ -138,9 +157,10 @@ class Generator:
             num_inference_steps=c.num_inference_steps,
             guidance_scale=c.guidance_scale,
             generator=generators,
-            cross_attention_kwargs={"scale": c.adapter_scale} if c.lora else None,
+            # several LoRAs carry their scales in set_adapters; one alone scales here
+            cross_attention_kwargs={"scale": c.adapter_scale} if c.lora and not c.loras else None,
         ).images
-        names = [f"{int(i):06d}.png" for i in batch["index"]]
+        names = list(batch["name"])
         return {"name": np.array(names, dtype=object), "png": np.array([_png(im) for im in images], dtype=object),
                 "comparison": np.array([b""] * len(images), dtype=object), "error": np.array([""] * len(images), dtype=object)}  # fmt: skip
 
@@ -229,11 +249,23 @@ def requests_for(config: GenerateConfig) -> tuple[list[dict], list[str]]:
 
 
 def run_generation(config: GenerateConfig, output: Path) -> dict:
-    """Generate every image of `config` (paths already resolved) into the folder `output`."""
+    """Generate every image of `config` (paths already resolved) into the folder `output`,
+    going on where an earlier run of the same generation stopped."""
     import ray.data
 
+    from diffplat.infer.output import GenerationFolder
+
     requests, skipped = requests_for(config)
-    ds = ray.data.from_items(requests).map_batches(
+    folder = GenerationFolder(output, config)
+    todo = [r for r in requests if r["index"] not in folder.done]
+    if len(todo) < len(requests):
+        log.info("generate: %d of %d images are already in %s; making the other %d", len(requests) - len(todo),
+                 len(requests), output, len(todo))  # fmt: skip
+    width, height = config.resolution
+    start = time.perf_counter()
+    written = 0
+    adapters = [{"path": a.path, "scale": a.scale} for a in config.loras]
+    rows = ray.data.from_items(todo).map_batches(
         Generator,
         fn_constructor_args=(config.model_dump(mode="json"),),
         batch_size=config.batch_size,
@@ -241,52 +273,42 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
         concurrency=config.replicas,
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
-    )
-    width, height = config.resolution
-    start = time.perf_counter()
-    written = 0
-    with replace_dir(output) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for row in ds.iter_rows():
-                if row["error"]:
-                    skipped.append(row["error"])
-                    log.warning("generate: skipped %s", row["error"])
-                    continue
-                name = row["name"]
-                (tmp / "images" / name).write_bytes(row["png"])
-                if row["comparison"]:
-                    (tmp / "comparisons").mkdir(exist_ok=True)
-                    (tmp / "comparisons" / name).write_bytes(row["comparison"])
-                record = {
-                    "file_name": f"images/{name}",
-                    "prompt": row["prompt"],
-                    "negative_prompt": config.negative_prompt,
-                    "seed": int(row["seed"]),
-                    "base_model": config.base_model,
-                    "adapter": config.lora,
-                    "adapter_scale": config.adapter_scale,
-                    "steps": config.num_inference_steps,
-                    "guidance_scale": config.guidance_scale,
-                    "scheduler": config.scheduler,
-                    "seconds": round(float(row["seconds"]), 4),
-                }
-                if config.kind == "ic_lora":
-                    s = config.ic_lora
-                    record.update({"input": row["input"], "layout": s.layout, "panels": s.panels_to_inpaint,
-                                   "strength": s.strength, "gradient_width": s.gradient_width if s.use_gradient_mask else 0})  # fmt: skip
-                elif config.kind == "controlnet":
-                    record.update({"map": row["input"], "controlnet": config.controlnet.model, "width": width,
-                                   "height": height, "conditioning_scale": config.controlnet.conditioning_scale})  # fmt: skip
-                else:
-                    record.update({"width": width, "height": height})
-                meta.write(json.dumps(record) + "\n")
-                written += 1
-                if written % 10 == 0 or written == len(requests):
-                    log.info("generate: %d/%d images", written, len(requests))
-        if skipped:
-            (tmp / "skipped.txt").write_text("".join(f"{s}\n" for s in skipped))
-        if written == 0:
-            raise ValueError(f"generate: no image was made; first problems: {'; '.join(skipped[:5])}")
+    ).iter_rows() if todo else []
+    for row in rows:
+        if row["error"]:
+            skipped.append(row["error"])
+            log.warning("generate: skipped %s", row["error"])
+            continue
+        record = {
+            "index": int(row["index"]),
+            "prompt": row["prompt"],
+            "negative_prompt": config.negative_prompt,
+            "seed": int(row["seed"]),
+            "base_model": config.base_model,
+            "adapter": config.lora,
+            "adapter_scale": config.adapter_scale,
+            **({"adapters": adapters} if adapters else {}),
+            "steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "scheduler": config.scheduler,
+            "seconds": round(float(row["seconds"]), 4),
+        }
+        if config.kind == "ic_lora":
+            s = config.ic_lora
+            record.update({"input": row["input"], "layout": s.layout, "panels": s.panels_to_inpaint,
+                           "strength": s.strength, "gradient_width": s.gradient_width if s.use_gradient_mask else 0})  # fmt: skip
+        elif config.kind == "controlnet":
+            record.update({"map": row["input"], "controlnet": config.controlnet.model, "width": width,
+                           "height": height, "conditioning_scale": config.controlnet.conditioning_scale})  # fmt: skip
+        else:
+            record.update({"width": width, "height": height})
+        folder.add(row["name"], row["png"], record, row["comparison"])
+        written += 1
+        if written % 10 == 0 or written == len(todo):
+            log.info("generate: %d/%d images", len(folder.done), len(requests))
+    folder.finish(skipped)
+    if not folder.done:
+        raise ValueError(f"generate: no image was made; first problems: {'; '.join(skipped[:5])}")
     elapsed = time.perf_counter() - start
-    return {"images": written, "skipped": len(skipped), "images_per_s": written / elapsed if elapsed else 0.0}
+    return {"images": len(folder.done), "made_now": written, "skipped": len(skipped),
+            "images_per_s": written / elapsed if elapsed and written else 0.0}  # fmt: skip

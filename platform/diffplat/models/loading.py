@@ -62,7 +62,8 @@ def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None
 
 
 def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32,
-                  pipeline_class=None, scheduler: str = "default", lora: str | None = None, **components):  # fmt: skip
+                  pipeline_class=None, scheduler: str = "default", lora: str | None = None,
+                  loras: list[tuple[str, float]] = (), **components):  # fmt: skip
     """An SDXL pipeline of `pipeline_class` (text-to-image by default; inpainting, ControlNet),
     with an optional VAE override, sampler and LoRA; `components` go to from_pretrained (a
     ControlNet, requires_aesthetics_score, ...). One loader for bulk jobs and the HTTP API."""
@@ -71,6 +72,7 @@ def load_pipeline(base_model: str, vae: str | None = None, variant: str | None =
     from diffplat.models.lora import lora_location
 
     weights = lora_location(lora) if lora else None  # a pickle is refused before anything loads
+    several = [(lora_location(path), scale) for path, scale in loras]
     extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
     pipe = (pipeline_class or StableDiffusionXLPipeline).from_pretrained(
         base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra, **components
@@ -79,6 +81,10 @@ def load_pipeline(base_model: str, vae: str | None = None, variant: str | None =
     if weights:
         pipe.load_lora_weights(weights[0], weight_name=weights[1])
         match_prediction_type(pipe, lora)
+    if several:  # each its own adapter, mixed with its own weight
+        for i, ((folder, weight_name), _) in enumerate(several):
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=f"lora_{i}")
+        pipe.set_adapters([f"lora_{i}" for i in range(len(several))], adapter_weights=[s for _, s in several])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,0 +1,98 @@
+"""A generation folder that a stopped run goes on filling.
+
+    images/<name>          one file per finished image, each written whole (temporary name, rename)
+    metadata.jsonl         one line per finished image: its index, prompt, seed and settings
+    generation.json        the settings that decide what the images look like
+    coco_images.json       COCO's `images` list of every finished image
+    skipped.txt            inputs left out, each with its reason
+
+Every image has its own seed from its index, so a rerun of the same job skips the indices
+already in metadata.jsonl (whose image is there) and makes only the missing ones: none twice,
+none lost. A folder holding another generation's images is refused, not mixed into.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffplat.config import ConfigError, GenerateConfig
+from diffplat.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+METADATA, SETTINGS, COCO_IMAGES = "metadata.jsonl", "generation.json", "coco_images.json"
+# Settings that change how the work is spread or capped, not what any image looks like.
+NOT_IN_THE_IMAGES = {"max_images", "replicas", "gpus_per_replica", "cpus_per_replica", "batch_size", "output", "overwrite"}
+
+
+def settings_of(config: GenerateConfig) -> dict:
+    return config.model_dump(mode="json", exclude=NOT_IN_THE_IMAGES)
+
+
+class GenerationFolder:
+    def __init__(self, folder: Path, config: GenerateConfig):
+        self.folder = Path(folder)
+        if config.overwrite and self.folder.exists():
+            shutil.rmtree(self.folder)
+        settings = settings_of(config)
+        saved = self.folder / SETTINGS
+        self.records: dict[int, dict] = {}
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if changed:
+                raise ConfigError(f"generate.output: {self.folder} holds images of another generation (it differs in "
+                                  f"{', '.join(changed)}); give another output, or set overwrite: true")  # fmt: skip
+            self.records = self._finished()
+        (self.folder / "images").mkdir(parents=True, exist_ok=True)
+        # Rewritten with exactly the finished images: drops a line torn by a kill mid-write.
+        self._rewrite_metadata()
+        write_json_atomic(saved, settings)
+        self._metadata = open(self.folder / METADATA, "a", encoding="utf-8")
+
+    def _finished(self) -> dict[int, dict]:
+        found = {}
+        path = self.folder / METADATA
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (self.folder / str(record.get("file_name", ""))).is_file() and "index" in record:
+                    found[int(record["index"])] = record
+        return found
+
+    def _rewrite_metadata(self) -> None:
+        lines = [json.dumps(self.records[i]) + "\n" for i in sorted(self.records)]
+        write_text_atomic(self.folder / METADATA, "".join(lines))
+
+    @property
+    def done(self) -> set[int]:
+        return set(self.records)
+
+    def add(self, name: str, png: bytes, record: dict, comparison: bytes = b"") -> None:
+        """One finished image: the file first, whole, then its metadata line."""
+        write_bytes_atomic(self.folder / "images" / name, png)
+        if comparison:
+            (self.folder / "comparisons").mkdir(exist_ok=True)
+            write_bytes_atomic(self.folder / "comparisons" / name, comparison)
+        if "width" not in record:  # filled composites keep their own size
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(png)) as img:
+                record = {**record, "width": img.width, "height": img.height}
+        record = {"index": record["index"], "file_name": f"images/{name}", **record}
+        self._metadata.write(json.dumps(record) + "\n")
+        self._metadata.flush()  # a killed run loses at most the image being written
+        self.records[int(record["index"])] = record
+
+    def finish(self, skipped: list[str]) -> None:
+        self._metadata.close()
+        images = [{"id": i + 1, "file_name": r["file_name"], "width": r.get("width"), "height": r.get("height"),
+                   "diffplat_index": i} for i, r in sorted(self.records.items())]  # fmt: skip
+        write_json_atomic(self.folder / COCO_IMAGES, {"images": images})
+        if skipped:
+            write_text_atomic(self.folder / "skipped.txt", "".join(f"{s}\n" for s in skipped))
