@@ -73,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("flags", nargs=argparse.REMAINDER, metavar="-- FLAGS",
                      help="the training command line, launcher and script name optional")
 
+    infer = sub.add_parser("infer", help="run source 2's inference YAML as it is written",
+                           description="Generate with source 2's --infer_config YAML (paths, prompt, negative_prompt, "
+                                       "adapter_scale, resolution, num_generations, guidance_scale): images go to "
+                                       "infer_path/batch_NNN, one batch per run.")  # fmt: skip
+    infer.add_argument("--infer_config", required=True, metavar="FILE")
+    infer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a job field the YAML has no key for, e.g. generate.replicas=4")
+    from diffplat.infer.commands import generate_parser
+
+    generate_parser(sub)
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
@@ -121,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             from diffplat.import_flags import import_command
 
             import_command(args.flags, args.out)
+        elif args.command in ("infer", "generate"):
+            from diffplat.infer.commands import generate_job, infer_config_job
+            from diffplat.runner import run_job
+
+            job = (infer_config_job(args.infer_config, args.overrides) if args.command == "infer"
+                   else generate_job(args, args.overrides))  # fmt: skip
+            result = run_job(job, ".")
+            done = result.outputs["generate"]
+            print(f"{done['images']} images in {done['folder']}")
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 

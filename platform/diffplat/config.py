@@ -475,11 +475,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
-        _apply_override(data, item, path)
+        apply_override(data, item, path)
     return parse_config(data, str(path))
 
 
-def _apply_override(data: dict, item: str, source: Path) -> None:
+def apply_override(data: dict, item: str, source: Path) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"{source}: override {item!r} is not of the form dotted.key=value")

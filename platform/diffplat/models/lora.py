@@ -34,6 +34,8 @@ def lora_location(path: str) -> tuple[str, str | None]:
         )
     if p.is_file():
         return str(p.parent), p.name
+    if p.is_dir() and (p / "adapter" / WEIGHTS_NAME).is_file():  # a diffplat training checkpoint
+        return str(p / "adapter"), None
     if p.is_dir() and not (p / WEIGHTS_NAME).is_file():
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
