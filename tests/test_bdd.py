@@ -1,6 +1,7 @@
 """Captions from BDD labels and masks; the prepare stage on a synthetic BDD layout."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ def test_caption_from_labels_counts_and_attributes():
         "labels": [{"category": "car"}] * 3 + [{"category": "person"}, {"category": "drivable area"}, {"category": "bus"}],
     })
     caption = bdd.caption_from_labels(frame, prefix="[BDD]")
-    assert caption == "[BDD] a driving scene on a highway, night, rainy weather, with 1 pedestrian, 3 cars and 1 bus"
+    assert caption == "[BDD] a driving scene on a highway, at night, in the rain, with 1 pedestrian, 3 cars and 1 bus"
 
 
 def test_undefined_attributes_are_left_out():
@@ -100,6 +101,42 @@ def test_prepare_writes_shards_index_and_report(bdd_dir, tmp_path):
     assert saved["rows_written"] == report["rows_written"]
 
 
+def test_prepare_writes_what_source_4_wrote_and_a_yolo_dataset(bdd_dir, tmp_path, monkeypatch):
+    import csv
+
+    import yaml
+
+    report = _prepare(bdd_dir, tmp_path / "data")
+    data = tmp_path / "data"
+    captions = {p.stem: p.read_text().strip() for p in (data / "captions").glob("*.txt")}
+    assert len(captions) == report["rows_written"]
+    with open(data / "bdd_hf_dataset_lora_train.csv") as f:
+        lora = list(csv.DictReader(f))
+    assert len(lora) == report["rows_written"] and lora[0]["text"] == captions[Path(lora[0]["image"]).stem]
+    with open(data / "bdd_hf_dataset_controlnet_train.csv") as f:
+        controlnet = list(csv.DictReader(f))
+    assert len(controlnet) == report["with_conditioning"] and set(controlnet[0]) == {"image", "conditioning_image", "text"}
+    spec = yaml.safe_load((data / "yolo" / "data.yaml").read_text())
+    assert spec["names"] == dict(enumerate(bdd.DETECTION_CLASSES)) and "path" not in spec
+    frames = {name: f for p in (bdd_dir / "labels").glob("*.json") for name, f in bdd.load_label_file(p)[0].items()}
+    assert len(list((data / "yolo" / "labels" / "train").glob("*.txt"))) > 3
+    for label in (data / "yolo" / "labels" / "train").glob("*.txt"):
+        frame = frames[label.stem + ".jpg"]
+        lines = label.read_text().splitlines()
+        assert len(lines) == len(frame.boxes) and (data / "yolo" / "images" / "train" / f"{label.stem}.jpg").is_file()
+        cls, cx, cy, w, h = lines[0].split()
+        name, x1, y1, x2, y2 = frame.boxes[0]
+        assert bdd.DETECTION_CLASSES[int(cls)] == name
+        assert float(cx) == pytest.approx((x1 + x2) / 2 / 256, abs=1e-5) and float(h) == pytest.approx((y2 - y1) / 144, abs=1e-5)
+    # the CSV index is source 4's, which the pairs source reads back
+    from diffplat.config import PairsSource
+    from diffplat.data.composite_source import Skips
+    from diffplat.data.pairs_source import pair_rows
+
+    rows = list(pair_rows(PairsSource(csv=str(data / "bdd_hf_dataset_controlnet_train.csv")), Path, Skips(), []))
+    assert len(rows) == report["with_conditioning"]
+
+
 def test_prepare_fails_when_nothing_is_usable(bdd_dir, tmp_path):
     with pytest.raises(NothingUsable, match="no usable rows"):
         _prepare(bdd_dir, tmp_path / "data", labels=[], seg_masks=None)
@@ -113,3 +150,64 @@ def test_prepare_rejects_unreadable_label_file(bdd_dir, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(bdd.LabelError, match="labels.json: cannot read label JSON"):
         _prepare(bdd_dir, tmp_path / "data", labels=[str(bad)])
+
+
+@pytest.mark.parametrize("scene, time, weather, caption", [
+    ("gas stations", "dawn/dusk", "partly cloudy", "a driving scene at a gas station, at dawn or dusk, under a partly cloudy sky"),
+    ("residential", "daytime", "foggy", "a driving scene in a residential area, in daytime, in fog"),
+    ("parking lot", None, "snowy", "a driving scene in a parking lot, in the snow"),
+    ("tunnel", "night", "overcast", "a driving scene in a tunnel, at night, under an overcast sky"),
+    ("city street", "daytime", "clear", "a driving scene on a city street, in daytime, in clear weather"),
+    (None, None, None, "a driving scene"),
+])  # fmt: skip
+def test_every_bdd_value_reads_as_english(scene, time, weather, caption):
+    frame = bdd.FrameLabels(name="x.jpg", scene=scene, timeofday=time, weather=weather)
+    assert bdd.caption_from_labels(frame) == caption
+
+
+def test_caption_template_from_the_job():
+    frame = bdd.FrameLabels(name="x.jpg", scene="highway", timeofday="night", weather="rainy", counts={"car": 2})
+    assert bdd.caption_from_labels(frame, template="dashcam photo {time} {scene}, {weather}, {objects}") == (
+        "dashcam photo at night on a highway, in the rain, 2 cars")
+    no_objects = bdd.FrameLabels(name="y.jpg", scene="highway")
+    assert bdd.caption_from_labels(no_objects, template="dashcam photo {scene}, {weather}, {objects}") == (
+        "dashcam photo on a highway")
+
+
+def _records(n: int) -> list[dict]:
+    return [{"name": f"f{i:06d}.jpg", "attributes": {"weather": "clear", "scene": "highway", "timeofday": "night"},
+             "labels": [{"category": "car", "box2d": {"x1": 1, "y1": 2, "x2": 30.5, "y2": 40}}] * (i % 3)}
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["list", "frames", "folder"])
+def test_label_files_stream_in_every_layout(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(bdd, "CHUNK", 64)  # records cross chunk boundaries
+    records = _records(30)
+    if layout == "list":
+        path = tmp_path / "labels.json"
+        path.write_text(json.dumps(records, indent=1))
+    elif layout == "frames":
+        path = tmp_path / "scalabel.json"
+        path.write_text(json.dumps({"frames": records, "config": {"x": 1}}))
+    else:
+        path = tmp_path / "per_image"
+        path.mkdir()
+        for r in records:
+            (path / r["name"].replace(".jpg", ".json")).write_text(json.dumps(r))
+    frames, skipped = bdd.load_label_file(path)
+    assert sorted(frames) == [r["name"] for r in records] and skipped == []
+    assert frames["f000002.jpg"].counts == {"car": 2} and frames["f000002.jpg"].boxes[0] == ("car", 1.0, 2.0, 30.5, 40.0)
+
+
+def test_a_label_file_broken_part_way_keeps_what_came_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(bdd, "CHUNK", 64)
+    text = json.dumps(_records(5))
+    path = tmp_path / "cut.json"
+    path.write_text(text[: text.index('{"name": "f000003')] + '{"name": "f000003.jpg", "attr')
+    frames, skipped = bdd.load_label_file(path)
+    assert sorted(frames) == ["f000000.jpg", "f000001.jpg", "f000002.jpg"]
+    assert len(skipped) == 1 and "cut.json: malformed JSON after record 3" in skipped[0]
+    (tmp_path / "not.json").write_text('"just a string"')
+    with pytest.raises(bdd.LabelFileError, match="expected a list of label records or one record"):
+        bdd.load_label_file(tmp_path / "not.json")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from diffplat.config import PrepareConfig
+from diffplat.data.bdd import TIME_PHRASES
 from diffplat.data.composites import (
     CompositeError,
     Layout,
@@ -181,7 +182,8 @@ def test_bdd_frames_grouped_by_attribute(bdd_dir, tmp_path):
         caption = row["caption"]
         assert caption.startswith("[BDD] 4 driving scenes, ") and caption.count("[SCENE-") == 4
         value = caption.removeprefix("[BDD] 4 driving scenes, ").split(" [SCENE-1]")[0]
-        assert caption.count(f", {value}") >= 4  # every panel's own caption names the shared time of day
+        phrase = TIME_PHRASES[value]
+        assert caption.count(f", {phrase}") == 4  # every panel's own caption names the shared time of day
         assert (row["width"], row["height"], row["source"]) == (128, 72, "composites:bdd")
 
 

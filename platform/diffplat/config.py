@@ -52,8 +52,21 @@ class RayConfig(_Strict):
 
 class BddSource(_Strict):
     images: str
-    labels: list[str] = Field(default_factory=list, description="BDD label JSON files (2018 or det_20 format)")
+    labels: list[str] = Field(default_factory=list, description="BDD label JSON files (2018 or det_20 format, "
+                              "read as streams) or folders of per-image label files")  # fmt: skip
     seg_masks: str | None = Field(None, description="folder of semantic masks, train ids 0-18, 255 = ignore")
+    caption_template: str = Field("a driving scene {scene}, {time}, {weather}, with {objects}", description=(
+        "fields {scene} {time} {weather} {objects}; a part between commas whose fields are all empty is left out"))
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        import string
+
+        unknown = {f for _, f, _, _ in string.Formatter().parse(value) if f} - {"scene", "time", "weather", "objects"}
+        if unknown:
+            raise ValueError(f"unknown field {{{sorted(unknown)[0]}}}; use {{scene}} {{time}} {{weather}} {{objects}}")
+        return value
 
 
 def _check_layout(value: str) -> str:

@@ -80,6 +80,10 @@ class Preflight:
         if value is not None and "://" not in value and not self.resolve(value).is_file():
             self.problems.append(f"{field}: {value} is not a file")
 
+    def file_or_folder(self, field: str, value: str) -> None:
+        if "://" not in value and not self.resolve(value).exists():
+            self.problems.append(f"{field}: {value} is neither a file nor a folder")
+
     def shards(self, field: str, value: str) -> None:
         if "://" in value:
             return
@@ -112,7 +116,7 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
             check.folder("prepare.bdd.images", p.bdd.images)
             check.folder("prepare.bdd.seg_masks", p.bdd.seg_masks)
             for i, label in enumerate(p.bdd.labels):
-                check.file(f"prepare.bdd.labels[{i}]", label)
+                check.file_or_folder(f"prepare.bdd.labels[{i}]", label)
         if p.composites:
             c = p.composites
             check.folder("prepare.composites.images", c.images)

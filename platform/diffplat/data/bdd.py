@@ -11,8 +11,11 @@ Facts of the data this encodes:
 from __future__ import annotations
 
 import json
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -46,6 +49,10 @@ _PLURALS = {"pedestrian": "pedestrians", "bus": "buses", "traffic light": "traff
 
 class LabelError(ValueError):
     """One label record that cannot be used; the message names it."""
+
+
+class LabelFileError(LabelError):
+    """A label file that cannot be read at all."""
 
 
 @dataclass(frozen=True)
@@ -104,25 +111,108 @@ def parse_frame(record: dict, where: str = "") -> FrameLabels:
     )
 
 
-def load_label_file(path: Path) -> tuple[dict[str, FrameLabels], list[str]]:
-    """All usable frames of one label JSON, and a message for each record skipped."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LabelError(f"{path}: cannot read label JSON: {err}") from None
-    if isinstance(records, dict) and "frames" in records:  # Scalabel export wrapping
-        records = records["frames"]
-    if not isinstance(records, list):
-        raise LabelError(f"{path}: expected a list of label records, got {type(records).__name__}")
-    frames, skipped = {}, []
-    for i, record in enumerate(records):
+CHUNK = 1 << 20  # bytes read at a time from a label file
+
+
+def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
+    """(index, value) of each element of the JSON array `f` is positioned in, one at a time:
+    a 100,000-frame label file is never held whole. Raises LabelError on malformed JSON."""
+    decoder = json.JSONDecoder()
+    buffer, offset, index, ended = "", 0, 0, False
+    while True:
+        while offset < len(buffer) and buffer[offset] in " \t\r\n,":
+            offset += 1
+        if offset < len(buffer) and buffer[offset] == "]":
+            return
         try:
-            frame = parse_frame(record, where=f"{path.name}[{i}]")
-        except LabelError as err:
-            skipped.append(str(err))
+            value, end = decoder.raw_decode(buffer, offset)
+        except json.JSONDecodeError as err:
+            if ended:
+                raise LabelError(f"{where}: malformed JSON after record {index} ({err.msg}); the rest is skipped") from None
+            chunk = f.read(CHUNK)
+            ended = not chunk
+            buffer, offset = buffer[offset:] + chunk, 0
+            if ended and not buffer.strip():
+                raise LabelError(f"{where}: the list of label records is not closed") from None
             continue
-        frames[frame.name] = frame
+        if end == len(buffer) and not ended:  # a number or literal may go on in the next chunk
+            chunk = f.read(CHUNK)
+            ended = not chunk
+            buffer, offset = buffer[offset:] + chunk, 0
+            continue
+        yield index, value
+        index, offset = index + 1, end
+        if offset > CHUNK:
+            buffer, offset = buffer[offset:], 0
+
+
+def _open_array(f, path: Path) -> bool:
+    """Move `f` past the `[` of its list of records (a bare list, or Scalabel's `{"frames": [`);
+    False for one record per file (BDD's per-image label files)."""
+    head = f.read(4096)
+    stripped = head.lstrip()
+    if stripped.startswith("["):
+        f.seek(len(head) - len(stripped) + 1)
+        return True
+    match = re.match(r'\s*\{\s*"frames"\s*:\s*\[', head)
+    if match:
+        f.seek(match.end())
+        return True
+    if stripped.startswith("{"):
+        f.seek(0)
+        return False
+    raise LabelFileError(f"{path}: expected a list of label records or one record, got {stripped[:20]!r}")
+
+
+def iter_label_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a label file, read as a stream; a folder is read as
+    BDD's per-image label files (`*.json`, one record each)."""
+    path = Path(path)
+    if path.is_dir():
+        for file in sorted(path.glob("*.json")):
+            yield from iter_label_records(file)
+        return
+    try:
+        f = open(path, encoding="utf-8")
+        whole = not _open_array(f, path)
+        records = [(path.name, json.load(f))] if whole else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LabelFileError(f"{path}: cannot read label JSON: {err}") from None
+    with f:
+        if records:
+            yield records[0]
+            return
+        try:
+            for i, record in _json_values(f, path.name):
+                yield f"{path.name}[{i}]", record
+        except UnicodeDecodeError as err:
+            raise LabelError(f"{path.name}: not UTF-8 part-way ({err.reason}); the rest is skipped") from None
+
+
+def iter_label_file(path: Path) -> Iterator[FrameLabels | LabelError]:
+    """Every frame of a label file (or folder), or the error of a record that cannot be used;
+    a file that breaks off mid-way yields its error last."""
+    try:
+        for where, record in iter_label_records(path):
+            try:
+                yield parse_frame(record, where=where)
+            except LabelError as err:
+                yield err
+    except LabelError as err:
+        yield err
+
+
+def load_label_file(path: Path) -> tuple[dict[str, FrameLabels], list[str]]:
+    """All usable frames of one label JSON (streamed), and a message for each record skipped.
+    A file that cannot be read at all raises LabelError."""
+    frames, skipped = {}, []
+    for item in iter_label_file(path):
+        if isinstance(item, LabelFileError):
+            raise item
+        if isinstance(item, LabelError):
+            skipped.append(str(item))
+        else:
+            frames[item.name] = item
     return frames, skipped
 
 
@@ -134,18 +224,35 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption_from_labels(frame: FrameLabels, prefix: str = "") -> str:
-    """e.g. "a driving scene on a city street, daytime, clear weather, with 3 cars and 1 pedestrian"."""
-    scene = f"a driving scene on a {frame.scene}" if frame.scene else "a driving scene"
-    parts = [scene]
-    if frame.timeofday:
-        parts.append(frame.timeofday)
-    if frame.weather:
-        parts.append(f"{frame.weather} weather")
-    objects = [_count_phrase(c, frame.counts[c]) for c in DETECTION_CLASSES if frame.counts.get(c)]
-    text = ", ".join(parts)
-    if objects:
-        text += ", with " + _join(objects)
+# Every value BDD100K uses, as a phrase that reads in a sentence; "undefined" says nothing.
+SCENE_PHRASES = {"city street": "on a city street", "highway": "on a highway", "residential": "in a residential area",
+                 "parking lot": "in a parking lot", "gas stations": "at a gas station", "tunnel": "in a tunnel"}  # fmt: skip
+TIME_PHRASES = {"daytime": "in daytime", "night": "at night", "dawn/dusk": "at dawn or dusk"}
+WEATHER_PHRASES = {"clear": "in clear weather", "overcast": "under an overcast sky",
+                   "partly cloudy": "under a partly cloudy sky", "rainy": "in the rain", "snowy": "in the snow",
+                   "foggy": "in fog"}  # fmt: skip
+CAPTION_TEMPLATE = "a driving scene {scene}, {time}, {weather}, with {objects}"
+
+
+def caption_from_labels(frame: FrameLabels, prefix: str = "", template: str = CAPTION_TEMPLATE) -> str:
+    """e.g. "a driving scene on a city street, in daytime, in clear weather, with 3 cars and 1
+    pedestrian". `template` is cut at ", ": a part whose fields all came out empty is left out
+    (the first part stays), so a frame without weather or objects still reads as a sentence."""
+    def phrase(table: dict, value: str | None) -> str:
+        return "" if value is None else table.get(value, value)
+
+    fields = {
+        "scene": phrase(SCENE_PHRASES, frame.scene),
+        "time": phrase(TIME_PHRASES, frame.timeofday),
+        "weather": phrase(WEATHER_PHRASES, frame.weather),
+        "objects": _join([_count_phrase(c, frame.counts[c]) for c in DETECTION_CLASSES if frame.counts.get(c)] or [""]),
+    }
+    kept = []
+    for i, part in enumerate(template.split(", ")):
+        named = [f for _, f, _, _ in string.Formatter().parse(part) if f]
+        if i == 0 or not named or any(fields[f] for f in named):
+            kept.append(" ".join(part.format(**fields).split()))
+    text = ", ".join(kept)
     return (prefix + " " + text).strip() if prefix else text
 
 

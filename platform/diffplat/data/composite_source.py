@@ -129,7 +129,7 @@ def _panel_groups(c: CompositeSource, layout: Layout, resolve: Callable, skips: 
         template = c.summary or _SUMMARIES[c.group_by]
         for value in sorted(by_value):
             for group in _windows(by_value[value], layout.panels, stride):
-                texts = [bdd.caption_from_labels(frames[p.name]) for p in group]
+                texts = [bdd.caption_from_labels(frames[p.name], template=c.bdd.caption_template) for p in group]
                 yield group, texts, template.format(count=layout.panels, value=value, attribute=c.group_by)
 
 

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
+from diffplat.data.bdd_exports import Labelled, write_source4_exports
 from diffplat.data.composite_source import Skips, composite_rows
 from diffplat.data.folder_source import captioned_images
 from diffplat.data.pairs_source import pair_rows
@@ -167,7 +168,7 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
     images = list_images(images_dir)
     reasons: Counter[str] = Counter({"bad label record": len(skipped)} if skipped else {})
     sources: Counter[str] = Counter()
-    lora_index, controlnet_index = [], []
+    lora_index, controlnet_index, exports = [], [], []
 
     def rows():
         for n, path in enumerate(images, 1):
@@ -192,7 +193,7 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
                 reasons["mask size differs from image"] += 1
                 mask = None
             if frame is not None:
-                caption, source = bdd.caption_from_labels(frame, config.caption_prefix), "bdd:labels"
+                caption, source = bdd.caption_from_labels(frame, config.caption_prefix, src.caption_template), "bdd:labels"
             elif mask is not None:
                 caption, source = bdd.caption_from_mask(mask, config.caption_prefix), "bdd:mask"
             else:
@@ -201,6 +202,8 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
                 continue
             conditioning = _png_bytes(bdd.colorize_mask(mask)) if mask is not None else None
             sources[source] += 1
+            exports.append(Labelled(path, caption, width, height, mask_path if conditioning is not None else None,
+                                    frame.boxes if frame is not None else ()))  # fmt: skip
             lora_index.append({"image": str(path), "caption": caption})
             if mask_path is not None and conditioning is not None:
                 controlnet_index.append({"image": str(path), "conditioning": str(mask_path), "caption": caption})
@@ -230,4 +233,5 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
         _finish(out, report, skipped, len(images), images_dir)
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in lora_index))
     write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in controlnet_index))
+    write_source4_exports(out, exports)
     return report

@@ -1,0 +1,83 @@
+"""What source 4's data scripts wrote, written by `prepare` from BDD too:
+
+    captions/<stem>.txt                      one caption per image (generate_bdd_captions.py)
+    bdd_hf_dataset_lora_train.csv            image, text (lora_bdd_to_huggingface_csv.py)
+    bdd_hf_dataset_controlnet_train.csv      image, conditioning_image, text (train_controlnet_sdxl.py's columns)
+    yolo/                                    a BDD -> YOLO detection dataset: images/train, labels/train
+                                             (10 classes, normalised boxes), data.yaml, for training the
+                                             filter's detector on real frames
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from diffplat.data.bdd import DETECTION_CLASSES
+from diffplat.fileio import replace_dir, write_text_atomic
+
+
+@dataclass(frozen=True)
+class Labelled:
+    image: Path
+    caption: str
+    width: int
+    height: int
+    mask: Path | None = None
+    boxes: tuple = ()  # (class, x1, y1, x2, y2) in pixels
+
+
+def yolo_lines(item: Labelled) -> str:
+    """One line per box: class id, centre x, centre y, width, height, each in 0..1."""
+    lines = []
+    for cls, x1, y1, x2, y2 in item.boxes:
+        x1, x2 = sorted((min(max(x1, 0), item.width), min(max(x2, 0), item.width)))
+        y1, y2 = sorted((min(max(y1, 0), item.height), min(max(y2, 0), item.height)))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            continue  # a box cut to nothing by the image border
+        cx, cy = (x1 + x2) / 2 / item.width, (y1 + y2) / 2 / item.height
+        lines.append(f"{DETECTION_CLASSES.index(cls)} {cx:.6f} {cy:.6f} {(x2 - x1) / item.width:.6f} {(y2 - y1) / item.height:.6f}\n")
+    return "".join(lines)
+
+
+def _csv(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:  # no second copy of 100,000 images where the file system allows a hard link
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_source4_exports(out: Path, items: list[Labelled]) -> None:
+    with replace_dir(out / "captions") as tmp:
+        for item in items:
+            (tmp / f"{item.image.stem}.txt").write_text(item.caption + "\n", encoding="utf-8")
+    write_text_atomic(out / "bdd_hf_dataset_lora_train.csv",
+                      _csv(["image", "text"], [[str(i.image), i.caption] for i in items]))  # fmt: skip
+    write_text_atomic(out / "bdd_hf_dataset_controlnet_train.csv",
+                      _csv(["image", "conditioning_image", "text"],
+                           [[str(i.image), str(i.mask), i.caption] for i in items if i.mask]))  # fmt: skip
+    labelled = [i for i in items if i.boxes]
+    with replace_dir(out / "yolo") as tmp:
+        for sub in ("images/train", "labels/train"):
+            (tmp / sub).mkdir(parents=True)
+        for item in labelled:
+            _link_or_copy(item.image, tmp / "images/train" / item.image.name)
+            (tmp / "labels/train" / f"{item.image.stem}.txt").write_text(yolo_lines(item))
+        # no `path:`: ultralytics reads the lists against this file's folder, wherever it is run
+        names = dict(enumerate(DETECTION_CLASSES))
+        (tmp / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/train", "names": names},
+                                                      sort_keys=False))  # fmt: skip
