@@ -198,7 +198,7 @@ def test_generation_from_maps_is_named_after_them_and_filtered(controlnet_job, b
     assert [m["map"] for m in meta] == [str(p) for p in masks]
     # prompts: from the frame's BDD labels; a mask-only frame (synth-00005) gets the job's prompt
     assert [m["prompt"] == "a driving scene" for m in meta[:3]] == [False, False, True]
-    assert all("weather" in m["prompt"] for m in meta[:2])
+    assert all(m["prompt"].startswith("a driving scene ") and ", with " in m["prompt"] for m in meta[:2])
     # the bad map was skipped, counted and named
     assert result.outputs["generate"]["skipped"] == 1
     assert "zzz-bad_train_id.png: mask has ids outside 0-18 and 255 (77)" in (out / "skipped.txt").read_text()

@@ -38,8 +38,8 @@ def test_text_captions_beside_the_images_with_bad_items_named(tmp_path):
     (folder / "e.txt").write_text("a broken image")
     report = _prepare(tmp_path, images=str(folder))
     assert [(r["id"], r["caption"], r["width"]) for r in _rows(tmp_path)] == [("a", "a red car on a bridge", 40)]
-    assert report["skipped"] == {"caption b.txt is empty": 1, "caption c.txt is not UTF-8": 1,
-                                 "missing caption": 1, "corrupt image": 1}  # fmt: skip
+    assert report["skipped"] == {"empty caption": 1, "caption not UTF-8": 1, "missing caption": 1, "corrupt image": 1}
+    assert "b.png: empty caption (b.txt)" in report["skipped_items"]
     assert any(s.startswith("d.png: missing caption (no d.txt)") for s in report["skipped_items"])
     index = [json.loads(line) for line in (tmp_path / "data" / "index_lora.jsonl").read_text().splitlines()]
     assert index == [{"image": str(folder / "a.png"), "caption": "a red car on a bridge"}]
@@ -71,3 +71,23 @@ def test_a_rerun_with_nothing_usable_keeps_the_previous_shards(tmp_path):
     with pytest.raises(NothingUsable, match="no usable rows"):
         _prepare(tmp_path, images=str(folder))
     assert [r["caption"] for r in _rows(tmp_path)] == ["a tram"]
+
+
+def test_every_kind_of_bad_image_is_its_own_count(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    _images(folder, ["ok.png", "big.png"])
+    Image.new("RGB", (400, 300)).save(folder / "big.png")
+    (folder / "zero.png").write_bytes(b"")
+    good = (folder / "ok.png").read_bytes()
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    (folder / "junk.png").write_bytes(b"GIF89a not really")
+    for name in ("ok", "big", "zero", "cut", "junk"):
+        (folder / f"{name}.txt").write_text(f"a {name} picture")
+    config = PrepareConfig(source="folder", folder={"images": str(folder)}, output=str(tmp_path / "data"),
+                           max_image_pixels=100_000)  # fmt: skip
+    report = prepare(config, Path)
+    assert report["rows_written"] == 1
+    assert report["skipped"] == {"zero-byte image": 1, "image over the pixel limit": 1, "corrupt image": 2}
+    assert any(s.startswith("big.png: image over the pixel limit (400x300 > 100000 pixels)") for s in report["skipped_items"])

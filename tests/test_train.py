@@ -49,6 +49,9 @@ def test_one_worker_zero0_accumulation_and_checkpoints(tmp_path, tiny_sdxl, bdd_
     assert lrs[0] > lrs[-1]  # the linear schedule decays
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "adapter")] == [
         "adapter/adapter_info.json", "adapter/pytorch_lora_weights.safetensors"]
+    prepare = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                 filter_string="tags.`diffplat.stage` = 'prepare'")[0]  # fmt: skip
+    assert prepare.data.metrics["skipped/corrupt image"] == 1  # each reason counted in MLflow
 
 
 def test_resume_from_latest_goes_on_from_the_saved_step(tmp_path, tiny_sdxl, bdd_dir, local_ray):

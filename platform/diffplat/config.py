@@ -153,6 +153,8 @@ class PrepareConfig(_Strict):
     output: str = "data"
     rows_per_shard: int = Field(256, gt=0)
     caption_prefix: str = ""
+    max_image_pixels: int = Field(80_000_000, gt=0, description="larger images are skipped, read from the header "
+                                  "before decoding (decompression bombs)")  # fmt: skip
 
     @model_validator(mode="after")
     def _source_section(self) -> "PrepareConfig":

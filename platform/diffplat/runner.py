@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,7 +70,9 @@ def _prepare(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     from diffplat.data.prepare import prepare
 
     report = prepare(config.prepare, work.path)
-    tracking.log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(report["skipped"].values())})
+    skipped = report["skipped"]
+    tracking.log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(skipped.values()),
+                          **{"skipped/" + re.sub(r"[^\w.\- ]+", "_", reason): n for reason, n in skipped.items()}})  # fmt: skip
     tracking.log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
     return report
 

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from diffplat.config import CompositeSource
 from diffplat.data import bdd
 from diffplat.data.composites import CompositeError, Layout, combine_captions, make_composite
+from diffplat.data.images import MAX_PIXELS, BadImage, read_image
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
@@ -55,16 +56,14 @@ def read_caption(image: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
-        raise CompositeError(f"caption {path.name} is not UTF-8") from None
+        raise CompositeError(f"caption not UTF-8 ({path.name})") from None
     if not text:
-        raise CompositeError(f"caption {path.name} is empty")
+        raise CompositeError(f"empty caption ({path.name})")
     return text
 
 
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # a full decode: verify() misses truncated files
-        return img.convert("RGB")
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    return read_image(path, max_pixels)[1]  # a full decode: verify() misses truncated files
 
 
 def _png(image: Image.Image) -> bytes:
@@ -133,7 +132,8 @@ def _panel_groups(c: CompositeSource, layout: Layout, resolve: Callable, skips: 
                 yield group, texts, template.format(count=layout.panels, value=value, attribute=c.group_by)
 
 
-def composite_rows(c: CompositeSource, resolve: Callable, skips: Skips, images_out: Path | None) -> Iterator[dict]:
+def composite_rows(c: CompositeSource, resolve: Callable, skips: Skips, images_out: Path | None,
+                   max_pixels: int = MAX_PIXELS) -> Iterator[dict]:  # fmt: skip
     """Shard rows, one per composite; with `images_out`, each built composite is also written
     there as `<id>.png` + `<id>.txt` (the layout source 1's scripts read)."""
     layout = Layout.parse(c.layout)
@@ -142,21 +142,19 @@ def composite_rows(c: CompositeSource, resolve: Callable, skips: Skips, images_o
         for path in list_images(folder):
             try:
                 caption = read_caption(path)
-                data = path.read_bytes()
-                image = _open(path)
+                data, image = read_image(path, max_pixels)
                 layout.check_size(image.width, image.height, path.name)
-            except (CompositeError, OSError, UnidentifiedImageError) as err:
-                reason = str(err).removeprefix(f"{path.name}: ")
-                skips.add(reason if isinstance(err, CompositeError) else f"corrupt image ({err})", path.name)
+            except (CompositeError, BadImage) as err:
+                skips.add(str(err).removeprefix(f"{path.name}: "), path.name)
                 continue
             yield _row(path.stem, data, caption, layout, image.size, "composites:existing")
         return
     n = 0
     for paths, texts, summary in _panel_groups(c, layout, resolve, skips):
         try:
-            panels = [_open(p) for p in paths]
-        except (OSError, UnidentifiedImageError) as err:
-            skips.add(f"corrupt image ({err})", ", ".join(p.name for p in paths))
+            panels = [_open(p, max_pixels) for p in paths]
+        except BadImage as err:
+            skips.add(str(err), ", ".join(p.name for p in paths))
             continue
         composite = make_composite(panels, layout, c.panel_size)
         caption = combine_captions(texts, c.tag, summary)

@@ -21,6 +21,7 @@ from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
+from diffplat.data.images import MAX_PIXELS, BadImage, read_image
 from diffplat.pictures import list_images
 
 
@@ -79,16 +80,14 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list) -> Iterator[dict]:
+def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list, max_pixels: int = MAX_PIXELS) -> Iterator[dict]:
     pairs = _csv_pairs(c, resolve, skips) if c.csv else _folder_pairs(c, resolve, skips)
     for image_path, map_path, caption in pairs:
         try:
-            data = image_path.read_bytes()
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                size = img.size
-        except (OSError, UnidentifiedImageError) as err:
-            skips.add(f"corrupt image ({err})", image_path.name)
+            data, image = read_image(image_path, max_pixels)
+            size = image.size
+        except BadImage as err:
+            skips.add(str(err), image_path.name)
             continue
         try:
             if c.segmentation:
@@ -96,14 +95,15 @@ def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list) -> I
                 map_size = (ids.shape[1], ids.shape[0])
                 conditioning = _png(bdd.colorize_mask(ids))
             else:
-                conditioning = map_path.read_bytes()
-                with Image.open(io.BytesIO(conditioning)) as img:
-                    img.load()
-                    map_size = img.size
+                conditioning, condition = read_image(map_path, max_pixels)
+                map_size = condition.size
         except bdd.MaskError as err:
             skips.add(str(err).removeprefix(f"{map_path.name}: "), map_path.name)
             continue
-        except (OSError, UnidentifiedImageError) as err:
+        except BadImage as err:
+            skips.add(f"conditioning {err}", map_path.name)
+            continue
+        except (OSError, UnidentifiedImageError) as err:  # read_mask's own decode
             skips.add(f"corrupt conditioning image ({err})", map_path.name)
             continue
         if map_size != size:

@@ -13,13 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.bdd_exports import Labelled, write_source4_exports
 from diffplat.data.composite_source import Skips, composite_rows
 from diffplat.data.folder_source import captioned_images
+from diffplat.data.images import BadImage, read_image
 from diffplat.data.pairs_source import pair_rows
 from diffplat.data.shards import write_shards
 from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
@@ -31,11 +32,9 @@ class NothingUsable(RuntimeError):
     pass
 
 
-def _check_image(path: Path) -> tuple[bytes, int, int]:
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # verify() misses truncated data; a full decode does not
-        return data, img.width, img.height
+def _check_image(path: Path, max_pixels: int) -> tuple[bytes, int, int]:
+    data, image = read_image(path, max_pixels)
+    return data, image.width, image.height
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -78,7 +77,8 @@ def prepare_composites(config: PrepareConfig, resolve) -> dict:
     # a failed rerun leaves the previous good output as it was.
     with replace_dir(out / "shards") as shards_tmp, replace_dir(out / "composites") as images_out:
         def rows():
-            for row in composite_rows(c, resolve, skips, None if c.groups == "existing" else images_out):
+            for row in composite_rows(c, resolve, skips, None if c.groups == "existing" else images_out,
+                                      config.max_image_pixels):
                 index.append({"id": row["id"], "caption": row["caption"], "layout": row["layout"],
                               "panels": row.pop("panels")})  # fmt: skip
                 if len(index) % 200 == 0:
@@ -108,7 +108,8 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
             raise FileNotFoundError(f"prepare.pairs.{field}: {resolve(value)} is not a folder")
     skips, index = Skips(), []
     with replace_dir(out / "shards") as shards_tmp:
-        shards = write_shards(pair_rows(c, resolve, skips, index), shards_tmp, config.rows_per_shard)
+        shards = write_shards(pair_rows(c, resolve, skips, index, config.max_image_pixels), shards_tmp,
+                              config.rows_per_shard)
         report = {"source": "pairs:csv" if c.csv else "pairs:folders", "rows_written": len(index),
                   "skipped": skips.reasons, "shards": [p.name for p in shards]}  # fmt: skip
         _finish(out, report, skips.items, len(index) + len(skips.items), resolve(c.csv or c.images))
@@ -124,12 +125,12 @@ def prepare_folder(config: PrepareConfig, resolve) -> dict:
     def rows():
         for path, caption in captioned_images(config.folder, resolve, skips):
             try:
-                data, width, height = _check_image(path)
-            except (OSError, UnidentifiedImageError) as err:
-                skips.add(f"corrupt image ({err})", path.name)
+                data, width, height = _check_image(path, config.max_image_pixels)
+            except BadImage as err:
+                skips.add(str(err), path.name)
                 continue
             if path.stem in seen:
-                skips.add(f"same name as {seen[path.stem]}", str(path))
+                skips.add(f"duplicate name (as {seen[path.stem]})", str(path))
                 continue
             seen[path.stem] = str(path)
             caption = config.caption_prefix + caption
@@ -175,10 +176,10 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
             if n % 500 == 0:
                 log.info("prepare: %d/%d images", n, len(images))
             try:
-                data, width, height = _check_image(path)
-            except (OSError, UnidentifiedImageError) as err:
-                skipped.append(f"{path.name}: corrupt image ({err})")
-                reasons["corrupt image"] += 1
+                data, width, height = _check_image(path, config.max_image_pixels)
+            except BadImage as err:
+                skipped.append(f"{path.name}: {err}")
+                reasons[err.reason] += 1
                 continue
             frame = frames.get(path.name)
             mask_path = bdd.find_mask(masks_dir, path.name)

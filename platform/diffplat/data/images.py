@@ -1,0 +1,40 @@
+"""Reading an input image for `prepare`, with every way it can be bad told apart."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 80_000_000  # default pixel limit: far above any photo a dataset holds, far below a bomb
+
+
+class BadImage(OSError):
+    """An input image that cannot be used; `reason` is its class (counted), the message adds detail."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
+    """The file's bytes and the decoded RGB image. The size is checked from the header before
+    any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails the
+    full decode."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise BadImage("zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImage("image over the pixel limit", f"{width}x{height} > {max_pixels} pixels")
+            img.load()
+            return data, img.convert("RGB")
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise BadImage("image over the pixel limit", str(err)) from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise BadImage("corrupt image", str(err)) from None
