@@ -91,3 +91,31 @@ def test_every_kind_of_bad_image_is_its_own_count(tmp_path):
     assert report["rows_written"] == 1
     assert report["skipped"] == {"zero-byte image": 1, "image over the pixel limit": 1, "corrupt image": 2}
     assert any(s.startswith("big.png: image over the pixel limit (400x300 > 100000 pixels)") for s in report["skipped_items"])
+
+
+def test_the_same_picture_under_two_names_is_kept_once(tmp_path):
+    folder = tmp_path / "pics"
+    _images(folder, ["a.png", "b.png"])
+    (folder / "copy.png").write_bytes((folder / "a.png").read_bytes())
+    for name in ("a", "b", "copy"):
+        (folder / f"{name}.txt").write_text(f"picture {name}")
+    report = _prepare(tmp_path, images=str(folder))
+    assert sorted(r["id"] for r in _rows(tmp_path)) == ["a", "b"]
+    assert report["skipped"] == {"duplicate image": 1}
+    assert "copy.png: duplicate image (same content as a.png)" in report["skipped_items"]
+
+
+def test_shards_of_another_run_are_checked_deduplicated_and_resharded(tmp_path):
+    from diffplat.data.shards import write_shards
+
+    folder = tmp_path / "pics"
+    _images(folder, ["a.png", "b.png", "c.png"])
+    rows = [{"id": p.stem, "image": p.read_bytes(), "caption": f"picture {p.stem}", "width": 40, "height": 30,
+             "source": "folder"} for p in sorted(folder.glob("*.png"))]  # fmt: skip
+    rows += [{**rows[0], "id": "again"}, {**rows[1], "id": "broken", "image": rows[1]["image"][:40]}]
+    write_shards(rows, tmp_path / "other" / "shards", rows_per_shard=5)
+    config = PrepareConfig(source="shards", shards={"path": str(tmp_path / "other" / "shards")},
+                           output=str(tmp_path / "data"), rows_per_shard=2)  # fmt: skip
+    report = prepare(config, Path)
+    assert [r["id"] for r in _rows(tmp_path)] == ["a", "b", "c"] and len(report["shards"]) == 2
+    assert report["skipped"] == {"duplicate image": 1, "corrupt image": 1}

@@ -144,12 +144,19 @@ class FolderSource(_Strict):
     caption_column: str = Field("text", description="metadata.jsonl's caption field (diffusers' --caption_column)")
 
 
+class ShardsSource(_Strict):
+    """Shards written by another diffplat run: checked, deduplicated and re-sharded."""
+
+    path: str = Field(description="a folder of shard-*.parquet (another run's data/shards)")
+
+
 class PrepareConfig(_Strict):
-    source: Literal["bdd", "composites", "pairs", "folder"] = "bdd"
+    source: Literal["bdd", "composites", "pairs", "folder", "shards"] = "bdd"
     bdd: BddSource | None = None
     composites: CompositeSource | None = None
     pairs: PairsSource | None = None
     folder: FolderSource | None = None
+    shards: ShardsSource | None = None
     output: str = "data"
     rows_per_shard: int = Field(256, gt=0)
     caption_prefix: str = ""

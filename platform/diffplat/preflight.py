@@ -130,6 +130,8 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
                 check.folder("prepare.pairs.images", p.pairs.images)
                 check.folder("prepare.pairs.conditioning", p.pairs.conditioning)
             check.folder("prepare.pairs.captions", p.pairs.captions)
+        if p.shards:
+            check.shards("prepare.shards.path", p.shards.path)
         if p.folder:
             check.folder("prepare.folder.images", p.folder.images)
             check.folder("prepare.folder.captions", p.folder.captions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -18,11 +19,30 @@ class BadImage(OSError):
         self.reason = reason
 
 
+class Duplicates:
+    """Images already seen, by content hash: the same picture under two names is kept once."""
+
+    def __init__(self) -> None:
+        self.first: dict[bytes, str] = {}
+
+    def seen(self, data: bytes, name: str) -> str | None:
+        """The name it was first seen under, or None (and it is remembered as `name`)."""
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        first = self.first.get(digest)
+        if first is None:
+            self.first[digest] = name
+        return first
+
+
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
-    """The file's bytes and the decoded RGB image. The size is checked from the header before
-    any pixel is decoded, so a decompression bomb costs nothing; a truncated file fails the
-    full decode."""
-    data = Path(path).read_bytes()
+    """The file's bytes and the decoded RGB image (see decode_image)."""
+    return decode_image(Path(path).read_bytes(), max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
+    """The bytes and the decoded RGB image. The size is checked from the header before any
+    pixel is decoded, so a decompression bomb costs nothing; a truncated file fails the full
+    decode."""
     if not data:
         raise BadImage("zero-byte image")
     try:

@@ -21,7 +21,7 @@ from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
-from diffplat.data.images import MAX_PIXELS, BadImage, read_image
+from diffplat.data.images import MAX_PIXELS, BadImage, Duplicates, read_image
 from diffplat.pictures import list_images
 
 
@@ -82,12 +82,17 @@ def _png(array: np.ndarray) -> bytes:
 
 def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list, max_pixels: int = MAX_PIXELS) -> Iterator[dict]:
     pairs = _csv_pairs(c, resolve, skips) if c.csv else _folder_pairs(c, resolve, skips)
+    duplicates = Duplicates()
     for image_path, map_path, caption in pairs:
         try:
             data, image = read_image(image_path, max_pixels)
             size = image.size
         except BadImage as err:
             skips.add(str(err), image_path.name)
+            continue
+        first = duplicates.seen(data, image_path.name)
+        if first:
+            skips.add(f"duplicate image (same content as {first})", image_path.name)
             continue
         try:
             if c.segmentation:

@@ -20,7 +20,7 @@ from diffplat.data import bdd
 from diffplat.data.bdd_exports import Labelled, write_source4_exports
 from diffplat.data.composite_source import Skips, composite_rows
 from diffplat.data.folder_source import captioned_images
-from diffplat.data.images import BadImage, read_image
+from diffplat.data.images import BadImage, Duplicates, read_image
 from diffplat.data.pairs_source import pair_rows
 from diffplat.data.shards import write_shards
 from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
@@ -45,7 +45,8 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def prepare(config: PrepareConfig, resolve) -> dict:
     """The stage: the configured source -> shards, index files and prepare_report.json."""
-    stages = {"bdd": prepare_bdd, "composites": prepare_composites, "pairs": prepare_pairs, "folder": prepare_folder}
+    stages = {"bdd": prepare_bdd, "composites": prepare_composites, "pairs": prepare_pairs, "folder": prepare_folder,
+              "shards": prepare_shards}  # fmt: skip
     return stages[config.source](config, resolve)
 
 
@@ -120,7 +121,7 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
 def prepare_folder(config: PrepareConfig, resolve) -> dict:
     """Images with captions (.txt files or metadata.jsonl) -> shards + index_lora.jsonl."""
     out = resolve(config.output)
-    skips, index, seen = Skips(), [], {}
+    skips, index, seen, duplicates = Skips(), [], {}, Duplicates()
 
     def rows():
         for path, caption in captioned_images(config.folder, resolve, skips):
@@ -131,6 +132,10 @@ def prepare_folder(config: PrepareConfig, resolve) -> dict:
                 continue
             if path.stem in seen:
                 skips.add(f"duplicate name (as {seen[path.stem]})", str(path))
+                continue
+            first = duplicates.seen(data, path.name)
+            if first:
+                skips.add(f"duplicate image (same content as {first})", path.name)
                 continue
             seen[path.stem] = str(path)
             caption = config.caption_prefix + caption
@@ -146,6 +151,38 @@ def prepare_folder(config: PrepareConfig, resolve) -> dict:
                   "shards": [p.name for p in shards]}  # fmt: skip
         _finish(out, report, skips.items, len(index) + len(skips.items), resolve(config.folder.images))
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+    return report
+
+
+def prepare_shards(config: PrepareConfig, resolve) -> dict:
+    """Another run's shards -> this run's: every image decoded and checked again, duplicates
+    dropped, rows_per_shard applied; rows keep their captions, maps and layouts."""
+    from diffplat.data.images import decode_image
+    from diffplat.data.shards import iter_rows
+
+    source = resolve(config.shards.path)
+    out = resolve(config.output)
+    skips, duplicates, count = Skips(), Duplicates(), [0]
+
+    def rows():
+        for row in iter_rows(source):
+            try:
+                decode_image(row["image"] or b"", config.max_image_pixels)
+            except BadImage as err:
+                skips.add(str(err), str(row["id"]))
+                continue
+            first = duplicates.seen(row["image"], str(row["id"]))
+            if first:
+                skips.add(f"duplicate image (same content as {first})", str(row["id"]))
+                continue
+            count[0] += 1
+            yield row
+
+    with replace_dir(out / "shards") as shards_tmp:
+        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
+        report = {"source": "shards", "rows_written": count[0], "skipped": skips.reasons,
+                  "shards": [p.name for p in shards]}  # fmt: skip
+        _finish(out, report, skips.items, count[0] + len(skips.items), source)
     return report
 
 
@@ -169,7 +206,7 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
     images = list_images(images_dir)
     reasons: Counter[str] = Counter({"bad label record": len(skipped)} if skipped else {})
     sources: Counter[str] = Counter()
-    lora_index, controlnet_index, exports = [], [], []
+    lora_index, controlnet_index, exports, duplicates = [], [], [], Duplicates()
 
     def rows():
         for n, path in enumerate(images, 1):
@@ -180,6 +217,11 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
             except BadImage as err:
                 skipped.append(f"{path.name}: {err}")
                 reasons[err.reason] += 1
+                continue
+            first = duplicates.seen(data, path.name)
+            if first:
+                skipped.append(f"{path.name}: duplicate image (same content as {first})")
+                reasons["duplicate image"] += 1
                 continue
             frame = frames.get(path.name)
             mask_path = bdd.find_mask(masks_dir, path.name)
