@@ -42,6 +42,15 @@ class JobResult:
     outputs: dict[str, dict] = field(default_factory=dict)
 
 
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars (off a terminal: a block of progress log lines every few
+    seconds) and its per-dataset INFO lines would bury the stages' own progress lines."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 @contextmanager
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Join the configured cluster, or start a local Ray for this process and stop it after."""
@@ -49,6 +58,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     import ray.data
 
     if ray.is_initialized():
+        _quiet_ray_data()
         yield
         return
     kwargs = {"address": config.address} if config.address else {
@@ -57,9 +67,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
     }  # fmt: skip
     ray.init(**kwargs, log_to_driver=True, logging_level=logging.WARNING)
-    # Ray Data's per-operator bars redraw many times a second and flood non-terminal logs;
-    # the stages log their own progress.
-    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    _quiet_ray_data()
     try:
         yield
     finally:
