@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/data_decode.py
 	$(BIN)/python bench/generate_scale.py
+	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/serve_load.py
 
 clean:

@@ -1,8 +1,14 @@
-"""Data at scale. So far: peak memory of caption generation over a BDD label file of 100,000
-frames, streamed (diffplat) against `json.load` of the whole file (how source 4's scripts and
-diffplat before read it). Each runs in a fresh process; peak = its maximum resident set.
-Target: under 1 GiB.
-    python bench/data_scale.py [--frames 100000]
+"""Data at scale, in one run:
+
+1. the training feed: diffplat's Ray Data pipeline (read shards, decode, resize, crop) against a
+   `torch.utils.data.DataLoader` with 2 workers doing the same decode and crop per row (target:
+   at least 1.0x);
+2. peak memory of caption generation over a BDD label file of 100,000 frames, streamed (diffplat)
+   against `json.load` of the whole file (how source 4's scripts and diffplat before read it),
+   each in a fresh process; peak = its maximum resident set (target: under 1 GiB).
+Still to come with issue 10: prepare on Ray Data against one process, and training from cached
+latents against encoding on the fly.
+    python bench/data_scale.py [--frames 100000] [--images 384]
 """
 
 import argparse
@@ -47,16 +53,86 @@ CHILD = {
 
 def measure(way: str, path: Path) -> tuple[float, float, int]:
     """(peak MiB, seconds, captions) of one way, in its own process."""
-    code = (f"import resource, time\nfrom pathlib import Path\npath = Path({str(path)!r})\nstart = time.perf_counter()\n"
-            f"{CHILD[way]}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start, n)")  # fmt: skip
+    # VmHWM, not ru_maxrss: the latter carries over the parent's peak through fork and exec
+    peak = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+    code = (f"import time\nfrom pathlib import Path\npath = Path({str(path)!r})\nstart = time.perf_counter()\n"
+            f"{CHILD[way]}\nprint({peak}, time.perf_counter() - start, n)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), float(out[1]), int(out[2])
+
+
+class ShardRows:
+    """The shards' rows as a map-style dataset: what a DataLoader-based trainer would read."""
+
+    def __init__(self, shards: Path, resolution: tuple[int, int]):
+        import pyarrow.parquet as pq
+
+        from diffplat.data.pipeline import ToTrainingArrays
+        from diffplat.data.shards import shard_files
+
+        self.files = [(p, pq.ParquetFile(p).metadata.num_rows) for p in shard_files(shards)]
+        self.index = [(f, i) for f, n in self.files for i in range(n)]
+        self.transform = ToTrainingArrays(resolution, True, False, 0)
+        self.tables = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        import pyarrow.parquet as pq
+
+        path, i = self.index[k]
+        if path not in self.tables:  # each worker reads a shard once
+            self.tables[path] = pq.read_table(path, columns=["id", "image", "caption", "layout"])
+        row = self.tables[path].slice(i, 1).to_pydict()
+        out = self.transform(row)
+        return {"pixel_values": out["pixel_values"][0], "caption": out["caption"][0]}
+
+
+def feed(images: int, batch: int = 4, rounds: int = 3) -> tuple[float, float]:
+    """(DataLoader rows/s, diffplat Ray Data rows/s), medians over rounds, same shards."""
+    import statistics
+
+    import ray
+    import torch
+
+    from diffplat.config import PrepareConfig
+    from diffplat.data.pipeline import training_dataset
+    from diffplat.data.prepare import prepare_bdd
+    from diffplat.data.synthetic_bdd import write_synthetic_bdd
+
+    resolution = (512, 288)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_synthetic_bdd(tmp / "bdd", num_images=images, size=(1280, 720))
+        prepare_bdd(PrepareConfig(bdd=paths, output=str(tmp / "data"), rows_per_shard=16), Path)
+        shards = tmp / "data" / "shards"
+        loader = torch.utils.data.DataLoader(ShardRows(shards, resolution), batch_size=batch, num_workers=2,
+                                             collate_fn=lambda rows: rows, persistent_workers=False)  # fmt: skip
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        theirs, ours = [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            rows = sum(len(b) for b in loader)
+            theirs.append(rows / (time.perf_counter() - start))
+            start = time.perf_counter()
+            ds = training_dataset(str(shards), resolution, True, False, 0)
+            rows = sum(len(b["caption"]) for b in ds.iter_batches(batch_size=batch, batch_format="numpy"))
+            ours.append(rows / (time.perf_counter() - start))
+        ray.shutdown()
+    return statistics.median(theirs), statistics.median(ours)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=100_000)
+    parser.add_argument("--images", type=int, default=384)
     args = parser.parse_args()
+    theirs, ours = feed(args.images)
+    print(f"training feed: {args.images} rows of 1280x720 JPEG -> 512x288 arrays, 2 CPUs, medians of 3")
+    print(f"  DataLoader, 2 workers  {theirs:7.1f} rows/s   diffplat Ray Data  {ours:7.1f} rows/s   "
+          f"ratio {ours / theirs:.2f}x (target >= 1.0x)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "det_train.json"
         start = time.perf_counter()
