@@ -211,3 +211,21 @@ def test_a_label_file_broken_part_way_keeps_what_came_before(tmp_path, monkeypat
     (tmp_path / "not.json").write_text('"just a string"')
     with pytest.raises(bdd.LabelFileError, match="expected a list of label records or one record"):
         bdd.load_label_file(tmp_path / "not.json")
+
+
+def test_crlf_bom_and_bad_per_image_files(tmp_path):
+    records = _records(3)
+    crlf = tmp_path / "crlf.json"
+    crlf.write_bytes(b"\xef\xbb\xbf\r\n" + json.dumps({"frames": records}, indent=1).replace("\n", "\r\n").encode())
+    frames, skipped = bdd.load_label_file(crlf)
+    assert sorted(frames) == [r["name"] for r in records] and skipped == []
+    folder = tmp_path / "per_image"
+    folder.mkdir()
+    for r in records:
+        (folder / r["name"].replace(".jpg", ".json")).write_text(json.dumps(r))
+    (folder / "f000001.json").write_text('{"name": "f000001.jpg", "attri')
+    (folder / "zz.json").write_text(json.dumps({"name": "zz.jpg", "labels": [{"category": "car", "box2d":
+                                                {"x1": None, "y1": 0, "x2": 1, "y2": 1}}]}))  # fmt: skip
+    frames, skipped = bdd.load_label_file(folder)
+    assert sorted(frames) == ["f000000.jpg", "f000002.jpg"] and len(skipped) == 2
+    assert any("f000001.json" in s for s in skipped) and any("a car box has a coordinate" in s for s in skipped)

@@ -116,23 +116,28 @@ def test_ray_data_verdicts_equal_the_model_one_image_at_a_time(tmp_path, local_r
     (folder / "images" / "000007.png").write_bytes(b"not a png")  # named in the report, not fatal
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"images/{i:06d}.png", "prompt": f"street {i}",
                                                               "seed": 100 + i}) + "\n" for i in range(7)))  # fmt: skip
+    # A random yolov8n finds nothing (its class biases start far below zero); with class 0's
+    # bias at 0 it sees class 0 at confidence 0.5 in ~40 places an image, each image its own.
     model = load_detector("yolov8n.yaml")
+    for branch in model.model.model[-1].cv3:
+        branch[-1].bias.data[0] = 0.0
+    weights = tmp_path / "detector.pt"
+    model.save(str(weights))
     found = {p.name: _detections(model.predict(str(p), imgsz=128, conf=0.001, verbose=False)[0])
              for p in sorted((folder / "images").glob("0*.png"))[:7]}  # fmt: skip
-    confidences = sorted(d.confidence for ds in found.values() for d in ds)
-    middle = confidences[len(confidences) // 2] if confidences else 0.5
-    counts = sorted(len([d for d in ds if d.confidence >= middle]) for ds in found.values())
-    rules = FilterRules(min_confidence=middle, class_min_confidence={"1": min(1.0, middle * 1.2)},
-                        max_count=counts[len(counts) // 2], max_edge_share=0.6)  # fmt: skip
+    counts = sorted(len(ds) for ds in found.values())
+    assert counts[0] > 0, "the detector must see something"
+    shares = sorted(sum(touches_edge(d, 0.01) for d in ds) / len(ds) for ds in found.values())
+    rules = FilterRules(min_confidence=0.25, class_min_confidence={"1": 0.9}, required_classes=["0"],
+                        max_count=counts[len(counts) // 2], max_edge_share=shares[-2])  # fmt: skip
     config = FilterConfig(imgsz=128, rules=rules, replicas=2, batch_size=3, cpus_per_replica=0.5)
-    # a model yaml builds the same random weights everywhere (one seed): replicas and this process agree
-    report = run_filter(config, folder, "yolov8n.yaml")
+    report = run_filter(config, folder, str(weights))
     assert report["images"] == 8 and "000007.png" in report["errors"][0]
     saved = json.loads((folder / "filter_report.json").read_text())
     for name, detections in found.items():
         keep, why = decide(detections, rules)
         assert (saved["per_image"][name]["kept"], saved["per_image"][name]["reasons"]) == (keep, why), name
-    assert 0 < report["kept"] < 7 or report["rejection_reasons"], "the rules decided nothing"
+    assert 0 < report["kept"] < 7, "the rules must keep some images and reject others"
     coco = json.loads((folder / "coco_annotations.json").read_text())
     assert [i["file_name"] for i in coco["images"]] == sorted(found)
     per_image = Counter(a["image_id"] for a in coco["annotations"])

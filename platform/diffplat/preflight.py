@@ -32,8 +32,11 @@ def _hub_problem(field: str, value: str, needs: str) -> str | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(value, needs), str):
-        return None
+    try:
+        if isinstance(try_to_load_from_cache(value, needs), str):
+            return None
+    except ValueError:  # not a valid repo id after all (e.g. `--` or `..` in it)
+        return f"{field}: {value} is not there (neither a folder nor a hub id like org/name)"
     return f"{field}: {value} is not a folder here, and as a hub id it is not in the local hub cache (HF_HUB_OFFLINE=1)"
 
 
@@ -99,8 +102,10 @@ def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
     adapter, generate's images), so later stages may name it before it exists."""
     outputs = [resolve(stage.output) for stage in (config.prepare, config.train, config.generate) if stage]
 
+    outputs = [out.resolve() for out in outputs]
+
     def made(value: str) -> bool:
-        path = resolve(value)
+        path = resolve(value).resolve()
         return any(path == out or out in path.parents for out in outputs)
 
     return made
@@ -112,27 +117,27 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
     made = _written_by_job(config, resolve)
     p = config.prepare
     if p is not None:
-        if p.bdd:
+        if p.source == "bdd" and p.bdd:
             check.folder("prepare.bdd.images", p.bdd.images)
             check.folder("prepare.bdd.seg_masks", p.bdd.seg_masks)
             for i, label in enumerate(p.bdd.labels):
                 check.file_or_folder(f"prepare.bdd.labels[{i}]", label)
-        if p.composites:
+        if p.source == "composites" and p.composites:
             c = p.composites
             check.folder("prepare.composites.images", c.images)
             check.file("prepare.composites.list_file", c.list_file)
             if c.bdd:
                 check.folder("prepare.composites.bdd.images", c.bdd.images)
-        if p.pairs:
+        if p.source == "pairs" and p.pairs:
             if p.pairs.csv:
                 check.file("prepare.pairs.csv", p.pairs.csv)
             else:
                 check.folder("prepare.pairs.images", p.pairs.images)
                 check.folder("prepare.pairs.conditioning", p.pairs.conditioning)
             check.folder("prepare.pairs.captions", p.pairs.captions)
-        if p.shards:
+        if p.source == "shards" and p.shards:
             check.shards("prepare.shards.path", p.shards.path)
-        if p.folder:
+        if p.source == "folder" and p.folder:
             check.folder("prepare.folder.images", p.folder.images)
             check.folder("prepare.folder.captions", p.folder.captions)
     t = config.train

@@ -93,6 +93,7 @@ def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
         "data": str(work.path(c.data)),
+        "controlnet": c.controlnet.model_copy(update={"init": work.model(c.controlnet.init) if c.controlnet.init else None}),
         "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
     })  # fmt: skip
     output = work.path(c.output)
@@ -108,8 +109,9 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     update = {
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
-        "lora": str(work.path(c.lora)) if c.lora else None,
-        "loras": [a.model_copy(update={"path": str(work.path(a.path))}) for a in c.loras],
+        # a local folder or file if one is there, else a hub id, as for the models
+        "lora": work.model(c.lora) if c.lora else None,
+        "loras": [a.model_copy(update={"path": work.model(a.path)}) for a in c.loras],
         "prompts_file": str(work.path(c.prompts_file)) if c.prompts_file else None,
         "prompts_from_shards": str(work.path(c.prompts_from_shards)) if c.prompts_from_shards else None,
     }

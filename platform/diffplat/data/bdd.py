@@ -10,6 +10,7 @@ Facts of the data this encodes:
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import string
@@ -99,7 +100,10 @@ def parse_frame(record: dict, where: str = "") -> FrameLabels:
         counts[category] = counts.get(category, 0) + 1
         box = obj.get("box2d")
         if isinstance(box, dict) and all(k in box for k in ("x1", "y1", "x2", "y2")):
-            boxes.append((category, float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])))
+            try:
+                boxes.append((category, *(float(box[k]) for k in ("x1", "y1", "x2", "y2"))))
+            except (TypeError, ValueError):
+                raise LabelError(f"{name}: a {category} box has a coordinate that is not a number") from None
     return FrameLabels(
         name=name,
         weather=_attr(attributes.get("weather")),
@@ -112,6 +116,7 @@ def parse_frame(record: dict, where: str = "") -> FrameLabels:
 
 
 CHUNK = 1 << 20  # bytes read at a time from a label file
+MAX_RECORD = 64 << 20  # no BDD record comes near this: past it, the JSON is broken, not long
 
 
 def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
@@ -127,7 +132,7 @@ def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
         try:
             value, end = decoder.raw_decode(buffer, offset)
         except json.JSONDecodeError as err:
-            if ended:
+            if ended or len(buffer) - offset > MAX_RECORD:
                 raise LabelError(f"{where}: malformed JSON after record {index} ({err.msg}); the rest is skipped") from None
             chunk = f.read(CHUNK)
             ended = not chunk
@@ -146,36 +151,38 @@ def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
             buffer, offset = buffer[offset:], 0
 
 
-def _open_array(f, path: Path) -> bool:
-    """Move `f` past the `[` of its list of records (a bare list, or Scalabel's `{"frames": [`);
-    False for one record per file (BDD's per-image label files)."""
-    head = f.read(4096)
-    stripped = head.lstrip()
-    if stripped.startswith("["):
-        f.seek(len(head) - len(stripped) + 1)
-        return True
-    match = re.match(r'\s*\{\s*"frames"\s*:\s*\[', head)
-    if match:
-        f.seek(match.end())
-        return True
-    if stripped.startswith("{"):
-        f.seek(0)
-        return False
-    raise LabelFileError(f"{path}: expected a list of label records or one record, got {stripped[:20]!r}")
+ARRAY_START = re.compile(rb'(?:\xef\xbb\xbf)?\s*(\[|\{\s*"frames"\s*:\s*\[|\{)')
+
+
+def _open_records(path: Path):
+    """(text stream, whether it is positioned inside a list of records): past the `[` of a bare
+    list or of Scalabel's `{"frames": [`, or at the start of one record (BDD's per-image label
+    files). Offsets are found in bytes, so CRLF line ends and a BOM do not shift them."""
+    raw = open(path, "rb")
+    head = raw.read(1 << 16)
+    match = ARRAY_START.match(head)
+    if not match:
+        raw.close()
+        raise LabelFileError(f"{path}: expected a list of label records or one record, got {head.lstrip()[:20]!r}")
+    in_list = match.group(1) != b"{"
+    raw.seek(match.end() if in_list else match.start(1))
+    return io.TextIOWrapper(raw, encoding="utf-8", newline=""), in_list
 
 
 def iter_label_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for every record of a label file, read as a stream; a folder is read as
-    BDD's per-image label files (`*.json`, one record each)."""
+    BDD's per-image label files (`*.json`, one record each; an unreadable one is one bad record)."""
     path = Path(path)
     if path.is_dir():
         for file in sorted(path.glob("*.json")):
-            yield from iter_label_records(file)
+            try:
+                yield from iter_label_records(file)
+            except LabelFileError as err:
+                yield file.name, err
         return
     try:
-        f = open(path, encoding="utf-8")
-        whole = not _open_array(f, path)
-        records = [(path.name, json.load(f))] if whole else None
+        f, in_list = _open_records(path)
+        records = None if in_list else [(path.name, json.load(f))]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LabelFileError(f"{path}: cannot read label JSON: {err}") from None
     with f:
@@ -194,6 +201,9 @@ def iter_label_file(path: Path) -> Iterator[FrameLabels | LabelError]:
     a file that breaks off mid-way yields its error last."""
     try:
         for where, record in iter_label_records(path):
+            if isinstance(record, LabelError):  # a per-image file that cannot be read
+                yield LabelError(str(record))
+                continue
             try:
                 yield parse_frame(record, where=where)
             except LabelError as err:

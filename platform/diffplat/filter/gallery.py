@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from urllib.parse import quote
 from pathlib import Path
 
 from diffplat.fileio import replace_dir
@@ -36,8 +37,8 @@ def _figure(name: str, verdict: dict, meta: dict, folder: Path) -> str:
     if meta.get("prompt") is not None:
         lines.append(f"prompt: {html.escape(str(meta['prompt']))}")
     if meta.get("seed") is not None:
-        lines.append(f"seed: {int(meta['seed'])}")
-    src = html.escape(f"../{picture}/{name}", quote=True)
+        lines.append(f"seed: {html.escape(str(meta['seed']))}")
+    src = html.escape(f"../{picture}/{quote(name)}", quote=True)  # `#`, `?`, `%` in a name stay in it
     return (f'<figure class="{"kept" if kept else "rejected"}"><a href="{src}"><img loading="lazy" src="{src}" '
             f'alt="{html.escape(name, quote=True)}"></a><figcaption>{"<br>".join(lines)}</figcaption></figure>')  # fmt: skip
 

@@ -22,7 +22,7 @@ import yaml
 
 from diffplat.config import FilterConfig
 from diffplat.filter.rules import Detection, decide, lowest_threshold, threshold
-from diffplat.fileio import replace_dir, write_json_atomic
+from diffplat.fileio import read_jsonl, replace_dir, write_json_atomic
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
@@ -125,16 +125,7 @@ def coco_annotations(entries: list[dict], names: dict[int, str]) -> dict:
 
 def _generation_metadata(folder: Path) -> dict[str, dict]:
     """Prompt and seed of each image, from the generate stage's metadata.jsonl (if there)."""
-    found = {}
-    path = folder / "metadata.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            found[Path(str(record.get("file_name", ""))).name] = record
-    return found
+    return {Path(str(r.get("file_name", ""))).name: r for r in read_jsonl(folder / "metadata.jsonl")}
 
 
 def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:

@@ -44,6 +44,8 @@ def infer_config_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"--infer_config: {path} is not a file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--infer_config: {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--infer_config: {path} is not a YAML mapping")
     unknown = sorted(set(data) - SOURCE2_KEYS) + sorted(f"paths.{k}" for k in set(data.get("paths") or {}) - SOURCE2_PATHS)
@@ -56,6 +58,8 @@ def infer_config_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     if not data.get("prompt"):
         raise ConfigError(f"--infer_config: {path} needs a prompt")
     resolution = data.get("resolution") or {}
+    if not isinstance(resolution, dict):
+        raise ConfigError(f"--infer_config: {path}: resolution is a mapping of width and height, got {resolution!r}")
     # Relative paths are relative to the folder the command runs in, as with source 2's scripts.
     generate = {
         "base_model": paths["base_model_path"],

@@ -257,7 +257,7 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
 
     requests, skipped = requests_for(config)
     folder = GenerationFolder(output, config)
-    todo = [r for r in requests if r["index"] not in folder.done]
+    todo = [r for r in requests if not folder.finished(r)]
     if len(todo) < len(requests):
         log.info("generate: %d of %d images are already in %s; making the other %d", len(requests) - len(todo),
                  len(requests), output, len(todo))  # fmt: skip
@@ -306,7 +306,7 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
         written += 1
         if written % 10 == 0 or written == len(todo):
             log.info("generate: %d/%d images", len(folder.done), len(requests))
-    folder.finish(skipped)
+    folder.finish(skipped, {int(r["index"]) for r in requests})
     if not folder.done:
         raise ValueError(f"generate: no image was made; first problems: {'; '.join(skipped[:5])}")
     elapsed = time.perf_counter() - start

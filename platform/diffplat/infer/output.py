@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from diffplat.config import ConfigError, GenerateConfig
-from diffplat.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from diffplat.fileio import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 METADATA, SETTINGS, COCO_IMAGES = "metadata.jsonl", "generation.json", "coco_images.json"
 # Settings that change how the work is spread or capped, not what any image looks like.
@@ -32,10 +32,13 @@ def settings_of(config: GenerateConfig) -> dict:
 class GenerationFolder:
     def __init__(self, folder: Path, config: GenerateConfig):
         self.folder = Path(folder)
-        if config.overwrite and self.folder.exists():
+        saved = self.folder / SETTINGS
+        if self.folder.exists() and not saved.is_file() and any(self.folder.iterdir()):
+            raise ConfigError(f"generate.output: {self.folder} is not empty and holds no {SETTINGS}: it is not a "
+                              "diffplat generation folder; give an empty or new folder")  # fmt: skip
+        if config.overwrite and saved.is_file():  # only ever a generation folder of ours
             shutil.rmtree(self.folder)
         settings = settings_of(config)
-        saved = self.folder / SETTINGS
         self.records: dict[int, dict] = {}
         if saved.is_file():
             before = json.loads(saved.read_text())
@@ -51,17 +54,9 @@ class GenerationFolder:
         self._metadata = open(self.folder / METADATA, "a", encoding="utf-8")
 
     def _finished(self) -> dict[int, dict]:
-        found = {}
-        path = self.folder / METADATA
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if (self.folder / str(record.get("file_name", ""))).is_file() and "index" in record:
-                    found[int(record["index"])] = record
-        return found
+        """The images a previous run finished: a metadata line whose image is there."""
+        return {int(r["index"]): r for r in read_jsonl(self.folder / METADATA)
+                if isinstance(r.get("index"), int) and (self.folder / str(r.get("file_name", ""))).is_file()}  # fmt: skip
 
     def _rewrite_metadata(self) -> None:
         lines = [json.dumps(self.records[i]) + "\n" for i in sorted(self.records)]
@@ -70,6 +65,13 @@ class GenerationFolder:
     @property
     def done(self) -> set[int]:
         return set(self.records)
+
+    def finished(self, request: dict) -> bool:
+        """Whether this request's image is there: same index, prompt, seed and name (an input
+        list that changed between runs shifts indices; those are made again)."""
+        record = self.records.get(int(request["index"]))
+        return record is not None and (record.get("prompt"), record.get("seed"), record.get("file_name")) == (
+            request["prompt"], request["seed"], f"images/{request['name']}")
 
     def add(self, name: str, png: bytes, record: dict, comparison: bytes = b"") -> None:
         """One finished image: the file first, whole, then its metadata line."""
@@ -89,8 +91,12 @@ class GenerationFolder:
         self._metadata.flush()  # a killed run loses at most the image being written
         self.records[int(record["index"])] = record
 
-    def finish(self, skipped: list[str]) -> None:
+    def finish(self, skipped: list[str], requested: set[int]) -> None:
+        """Close the run: metadata.jsonl rewritten with exactly this generation's images (a record
+        superseded by a remade index, or past the end of a shorter input list, goes)."""
         self._metadata.close()
+        self.records = {i: r for i, r in self.records.items() if i in requested}
+        self._rewrite_metadata()
         images = [{"id": i + 1, "file_name": r["file_name"], "width": r.get("width"), "height": r.get("height"),
                    "diffplat_index": i} for i, r in sorted(self.records.items())]  # fmt: skip
         write_json_atomic(self.folder / COCO_IMAGES, {"images": images})

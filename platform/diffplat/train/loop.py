@@ -60,6 +60,17 @@ def mean_over_workers(loss_sum, count: int, device) -> float:
     return float(totals[0] / totals[1].clamp_min(1))
 
 
+def all_workers(ok: bool, device) -> bool:
+    """True only if `ok` on every worker (an all-reduce of the minimum)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _timed(batches, waited: list[float]):
     """The batches, adding the seconds spent waiting for each to waited[0]."""
     iterator = iter(batches)
@@ -166,6 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         candidates = [ray.train.get_checkpoint()]
     if not candidates and loop_config.get("resume"):
         candidates = [Checkpoint.from_directory(loop_config["resume"])]
+    failures = []
     for candidate in candidates:
         try:
             with candidate.as_directory() as folder:
@@ -175,18 +187,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 engine.load_checkpoint(str(Path(folder) / STATE_DIR), tag=STATE_TAG, load_module_strict=False)
                 if not restore_rng(folder, rank, generators):
                     log.warning("train: %s has no random state for worker %d; draws will differ", candidate.path, rank)
-                if ema:
+                if ema and (Path(folder) / EMA_FILE).is_file():
                     ema.load(Path(folder) / EMA_FILE)
+                elif ema:  # saved without use_ema: the average starts from the weights resumed
+                    log.warning("train: %s has no moving average; it starts from the resumed weights", candidate.path)
+                    ema = MovingAverage(engine.module, config.ema_decay)
+            loaded = True
         except CheckpointMismatch:
             raise  # a wrong run's checkpoint: falling back to an older one would not help
         except Exception as err:  # a checkpoint cut short by the crash: take the one before it
-            log.warning("train: cannot resume from %s (%s); trying an older checkpoint", candidate.path, err)
+            failures.append(f"{candidate.path}: {err}")
+            loaded = False
+        # Every worker goes on from the same checkpoint or none does: one that failed here
+        # makes all of them try the next (each load replaces all that the last one set).
+        if not all_workers(loaded, device):
+            log.warning("train: cannot resume from %s on every worker; trying an older checkpoint", candidate.path)
             continue
         step, micro, epoch, batch_in_epoch = state["step"], state["micro"], state.get("epoch", 0), state.get("batch", 0)
         if rank == 0:
             log.info("train: resumed at step %d (epoch %d, batch %d) from %s", step, epoch, batch_in_epoch,
                      candidate.path)  # fmt: skip
         break
+    else:
+        if candidates:  # starting from step 0 on half-loaded state would be worse than stopping
+            raise RuntimeError("train: no checkpoint to resume from could be read: " + "; ".join(failures[-3:]))
 
     def validate(step: int) -> None:
         """Rank 0 draws the validation picture with the adapter as it is at `step` (its moving
