@@ -47,28 +47,30 @@ def _optimizer(config, params):
                                eps=config.adam_epsilon, weight_decay=config.weight_decay)  # fmt: skip
 
 
+def _over_workers(values, op: str = "sum"):
+    """`values` all-reduced over the workers (as they are with one worker)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return values
+
+
 def mean_over_workers(loss_sum, count: int, device) -> float:
     """The mean loss over every worker's micro-batches since the last log line (one all-reduce
     per log line; every rank logs at the same steps)."""
     import torch
-    import torch.distributed as dist
 
-    totals = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float32, device=device).reshape(()),
-                          torch.tensor(float(count), device=device)])  # fmt: skip
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
+    totals = _over_workers(torch.stack([torch.as_tensor(loss_sum, dtype=torch.float32, device=device).reshape(()),
+                                        torch.tensor(float(count), device=device)]))  # fmt: skip
     return float(totals[0] / totals[1].clamp_min(1))
 
 
 def all_workers(ok: bool, device) -> bool:
     """True only if `ok` on every worker (an all-reduce of the minimum)."""
     import torch
-    import torch.distributed as dist
 
-    flag = torch.tensor([1 if ok else 0], device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(_over_workers(torch.tensor([1 if ok else 0], device=device), op="min").item())
 
 
 def _timed(batches, waited: list[float]):
