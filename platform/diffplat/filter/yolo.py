@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from diffplat.config import FilterConfig
-from diffplat.filter.rules import Detection, decide, lowest_threshold, threshold
+from diffplat.filter.rules import Detection, counted, decide, lowest_threshold
 from diffplat.fileio import read_jsonl, replace_dir, write_json_atomic
 from diffplat.pictures import list_images
 
@@ -158,16 +158,16 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
                 continue
             detections = [Detection(d["class_name"], d["class_id"], d["confidence"], tuple(d["box_xywhn"]))
                           for d in json.loads(row["detections"])]  # fmt: skip
-            counted = [d for d in detections if d.confidence >= threshold(config.rules, d.class_name)]
-            (labels_dir / f"{path.stem}.txt").write_text(_label_lines(counted))
+            seen = counted(detections, config.rules)
+            (labels_dir / f"{path.stem}.txt").write_text(_label_lines(seen))
             if row["annotated"]:
                 (annotated_dir / path.name).write_bytes(row["annotated"])
             keep, why = decide(detections, config.rules)
-            classes = Counter(d.class_name for d in counted)
+            classes = Counter(d.class_name for d in seen)
             class_counts.update(classes)
-            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(counted), "classes": dict(classes)}
+            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(seen), "classes": dict(classes)}
             entries.append({"file_name": path.name, "width": int(row["width"]), "height": int(row["height"]),
-                            "detections": counted, "kept": keep})  # fmt: skip
+                            "detections": seen, "kept": keep})  # fmt: skip
             reasons.update(why)
             if n % 50 == 0 or n == len(images):
                 log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
