@@ -19,3 +19,16 @@ def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, s
         if "lora_B" in name:
             p.data.normal_(0, 0.5)
     return save_lora(unet, config, folder, {"made_by": "tests", **(info or {})})
+
+
+def run_bench(script: str, *args: str):
+    """Run bench/<script> in a subprocess; fails the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=280,
+                          env=os.environ.copy())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

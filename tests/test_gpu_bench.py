@@ -2,23 +2,16 @@
 every case, and its full config is SDXL's UNet (counted on the meta device, no step)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import run_bench
+
 pytestmark = pytest.mark.timeout(300)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_train_step.py"
 
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=280,
-                          env=os.environ.copy())  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def _run(*args: str):
+    return run_bench("gpu_train_step.py", *args)
 
 
 def test_tiny_run_reports_every_case_on_cpu(tmp_path):
