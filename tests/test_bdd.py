@@ -131,9 +131,10 @@ def test_prepare_writes_what_source_4_wrote_and_a_yolo_dataset(bdd_dir, tmp_path
     # the CSV index is source 4's, which the pairs source reads back
     from diffplat.config import PairsSource
     from diffplat.data.composite_source import Skips
-    from diffplat.data.pairs_source import pair_rows
+    from diffplat.data.pairs_source import pair_items, pair_row
 
-    rows = list(pair_rows(PairsSource(csv=str(data / "bdd_hf_dataset_controlnet_train.csv")), Path, Skips(), []))
+    source = PairsSource(csv=str(data / "bdd_hf_dataset_controlnet_train.csv"))
+    rows = [pair_row(item, source, "") for item in pair_items(source, Path, Skips())]
     assert len(rows) == report["with_conditioning"]
 
 

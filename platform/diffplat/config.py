@@ -162,6 +162,8 @@ class PrepareConfig(_Strict):
     caption_prefix: str = ""
     max_image_pixels: int = Field(80_000_000, gt=0, description="larger images are skipped, read from the header "
                                   "before decoding (decompression bombs)")  # fmt: skip
+    max_image_side: int | None = Field(None, gt=0, description="images with a longer side are stored scaled down "
+                                       "to it (maps nearest-neighbour); smaller ones as they are")  # fmt: skip
 
     @model_validator(mode="after")
     def _source_section(self) -> "PrepareConfig":

@@ -26,10 +26,16 @@ def replace_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_in(tmp, final)
+
+
+def swap_in(ready: Path, final: Path) -> None:
+    """Put the finished folder `ready` where `final` is, the old one removed after."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
-    tmp.rename(final)
+    ready.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 

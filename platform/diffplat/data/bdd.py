@@ -329,15 +329,18 @@ def mask_to_ids(array: np.ndarray, name: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file (grey train ids or colour map) as train ids; MaskError names what is wrong."""
+def read_mask(path: Path, max_pixels: int = 80_000_000) -> np.ndarray:
+    """A mask file (grey train ids or colour map) as train ids; MaskError names what is wrong.
+    The size is checked from the header first, as for images (decompression bombs)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise MaskError(f"{Path(path).name}: mask over the pixel limit ({img.width}x{img.height} > {max_pixels} pixels)")
             img.load()
             array = np.asarray(img.convert("RGB") if img.mode in ("P", "RGBA", "LA") else img)
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise MaskError(f"{Path(path).name}: cannot read the mask ({err})") from None
     return mask_to_ids(array, Path(path).name)
 

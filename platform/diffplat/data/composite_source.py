@@ -132,42 +132,42 @@ def _panel_groups(c: CompositeSource, layout: Layout, resolve: Callable, skips: 
                 yield group, texts, template.format(count=layout.panels, value=value, attribute=c.group_by)
 
 
-def composite_rows(c: CompositeSource, resolve: Callable, skips: Skips, images_out: Path | None,
-                   max_pixels: int = MAX_PIXELS) -> Iterator[dict]:  # fmt: skip
-    """Shard rows, one per composite; with `images_out`, each built composite is also written
-    there as `<id>.png` + `<id>.txt` (the layout source 1's scripts read)."""
+def composite_items(c: CompositeSource, resolve: Callable, skips: Skips) -> list[dict]:
+    """One work item per composite: an existing one's file, or the panels (and their texts) of
+    one to build. Groups and texts are settled here, on the driver; images are read in tasks."""
+    if c.groups == "existing":
+        return [{"id": p.stem, "name": p.name, "image": str(p), "files": [str(p), str(p.with_suffix(".txt"))]}
+                for p in list_images(resolve(c.images))]  # fmt: skip
+    layout = Layout.parse(c.layout)
+    return [{"id": f"composite-{n:05d}", "name": ", ".join(p.name for p in paths), "panels": [str(p) for p in paths],
+             "texts": texts, "summary": summary, "files": [str(p) for p in paths]}
+            for n, (paths, texts, summary) in enumerate(_panel_groups(c, layout, resolve, skips))]  # fmt: skip
+
+
+def composite_row(item: dict, c: CompositeSource, max_pixels: int = MAX_PIXELS) -> dict:
+    """One composite -> its shard row (in a shard task): an existing one checked against the
+    layout, or one built from its panels."""
+    from diffplat.data.shard_job import Skip
+
     layout = Layout.parse(c.layout)
     if c.groups == "existing":
-        folder = resolve(c.images)
-        for path in list_images(folder):
-            try:
-                caption = read_caption(path)
-                data, image = read_image(path, max_pixels)
-                layout.check_size(image.width, image.height, path.name)
-            except (CompositeError, BadImage) as err:
-                skips.add(str(err).removeprefix(f"{path.name}: "), path.name)
-                continue
-            yield _row(path.stem, data, caption, layout, image.size, "composites:existing")
-        return
-    n = 0
-    for paths, texts, summary in _panel_groups(c, layout, resolve, skips):
+        path = Path(item["image"])
         try:
-            panels = [_open(p, max_pixels) for p in paths]
-        except BadImage as err:
-            skips.add(str(err), ", ".join(p.name for p in paths))
-            continue
-        composite = make_composite(panels, layout, c.panel_size)
-        caption = combine_captions(texts, c.tag, summary)
-        name = f"composite-{n:05d}"
-        n += 1
-        if images_out is not None:
-            images_out.mkdir(parents=True, exist_ok=True)
-            composite.save(images_out / f"{name}.png")
-            (images_out / f"{name}.txt").write_text(caption + "\n")
-        yield _row(name, _png(composite), caption, layout, composite.size, f"composites:{c.groups}",
-                   panels=[p.name for p in paths])  # fmt: skip
+            caption = read_caption(path)
+            data, image = read_image(path, max_pixels)
+            layout.check_size(image.width, image.height, path.name)
+        except (CompositeError, BadImage) as err:
+            raise Skip(str(err).removeprefix(f"{path.name}: "), path.name) from None
+        return _row(item["id"], data, caption, layout, image.size, "composites:existing")
+    try:
+        panels = [_open(Path(p), max_pixels) for p in item["panels"]]
+    except BadImage as err:
+        raise Skip(str(err), item["name"]) from None
+    composite = make_composite(panels, layout, c.panel_size)
+    caption = combine_captions(item["texts"], c.tag, item["summary"])
+    return _row(item["id"], _png(composite), caption, layout, composite.size, f"composites:{c.groups}")
 
 
-def _row(row_id: str, data: bytes, caption: str, layout: Layout, size, source: str, panels=None) -> dict:
+def _row(row_id: str, data: bytes, caption: str, layout: Layout, size, source: str) -> dict:
     return {"id": row_id, "image": data, "caption": caption, "layout": str(layout), "width": size[0],
-            "height": size[1], "source": source, "panels": panels}  # fmt: skip
+            "height": size[1], "source": source}  # fmt: skip

@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 from diffplat.config import FolderSource
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
+from diffplat.data.images import BadImage, read_image
+from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
 
 METADATA = "metadata.jsonl"
@@ -43,16 +45,15 @@ def _from_metadata(folder: Path, column: str, skips: Skips) -> Iterator[tuple[Pa
                 yield folder / name, caption.strip()
 
 
-def _from_text_files(folder: Path, captions: Path | None, skips: Skips) -> Iterator[tuple[Path, str]]:
+def _from_text_files(folder: Path, captions: Path | None, skips: Skips) -> Iterator[tuple[Path, Path]]:
+    """(image, its caption file): the file is read in the shard task, which skips a bad one."""
     for image in list_images(folder):
-        try:
-            yield image, read_caption(captions / f"{image.stem}.txt" if captions else image)
-        except CompositeError as err:
-            skips.add(str(err), image.name)
+        yield image, (captions / f"{image.stem}.txt" if captions else image.with_suffix(".txt"))
 
 
-def captioned_images(c: FolderSource, resolve: Callable, skips: Skips) -> Iterator[tuple[Path, str]]:
-    """(image, caption) for every usable item; the others go to `skips`, named."""
+def folder_items(c: FolderSource, resolve: Callable, skips: Skips) -> list[dict]:
+    """One work item per image: its path, and its caption or the file that holds it. Two images
+    with one base name (a.jpg, a.png) would be one row id: the second is named and skipped."""
     folder = resolve(c.images)
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare.folder.images: {folder} is not a folder")
@@ -60,5 +61,31 @@ def captioned_images(c: FolderSource, resolve: Callable, skips: Skips) -> Iterat
     if captions is not None and not captions.is_dir():
         raise FileNotFoundError(f"prepare.folder.captions: {captions} is not a folder")
     if (folder / METADATA).is_file() and captions is None:
-        return _from_metadata(folder, c.caption_column, skips)
-    return _from_text_files(folder, captions, skips)
+        found = ((path, {"caption": caption}) for path, caption in _from_metadata(folder, c.caption_column, skips))
+    else:
+        found = ((path, {"caption_file": str(text)}) for path, text in _from_text_files(folder, captions, skips))
+    items, seen = [], {}
+    for path, caption in found:
+        if path.stem in seen:
+            skips.add(f"duplicate name (as {seen[path.stem]})", str(path))
+            continue
+        seen[path.stem] = str(path)
+        files = [str(path)] + ([caption["caption_file"]] if "caption_file" in caption else [])
+        items.append({"id": path.stem, "name": path.name, "image": str(path), **caption, "files": files})
+    return items
+
+
+def folder_row(item: dict, prefix: str, max_pixels: int) -> dict:
+    """One image and its caption -> its shard row (in a shard task)."""
+    caption = item.get("caption")
+    if caption is None:
+        try:
+            caption = read_caption(Path(item["caption_file"]))
+        except CompositeError as err:
+            raise Skip(str(err), item["name"]) from None
+    try:
+        data, image = read_image(Path(item["image"]), max_pixels)
+    except BadImage as err:
+        raise Skip(str(err), item["name"]) from None
+    return {"id": item["id"], "image": data, "caption": prefix + caption, "width": image.width,
+            "height": image.height, "source": "folder"}  # fmt: skip

@@ -1,8 +1,8 @@
-"""Reading an input image for `prepare`, with every way it can be bad told apart."""
+"""Reading an input image for `prepare`, with every way it can be bad told apart (duplicates
+are found by content hash in shard_job.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -17,21 +17,6 @@ class BadImage(OSError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
-
-
-class Duplicates:
-    """Images already seen, by content hash: the same picture under two names is kept once."""
-
-    def __init__(self) -> None:
-        self.first: dict[bytes, str] = {}
-
-    def seen(self, data: bytes, name: str) -> str | None:
-        """The name it was first seen under, or None (and it is remembered as `name`)."""
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        first = self.first.get(digest)
-        if first is None:
-            self.first[digest] = name
-        return first
 
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:

@@ -21,7 +21,8 @@ from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
-from diffplat.data.images import MAX_PIXELS, BadImage, Duplicates, read_image
+from diffplat.data.images import MAX_PIXELS, BadImage, read_image
+from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
 
 
@@ -80,41 +81,37 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pair_rows(c: PairsSource, resolve: Callable, skips: Skips, index: list, max_pixels: int = MAX_PIXELS) -> Iterator[dict]:
+def pair_items(c: PairsSource, resolve: Callable, skips: Skips) -> list[dict]:
+    """One work item per pair: image, map and caption (listed and matched on the driver)."""
     pairs = _csv_pairs(c, resolve, skips) if c.csv else _folder_pairs(c, resolve, skips)
-    duplicates = Duplicates()
-    for image_path, map_path, caption in pairs:
-        try:
-            data, image = read_image(image_path, max_pixels)
-            size = image.size
-        except BadImage as err:
-            skips.add(str(err), image_path.name)
-            continue
-        first = duplicates.seen(data, image_path.name)
-        if first:
-            skips.add(f"duplicate image (same content as {first})", image_path.name)
-            continue
-        try:
-            if c.segmentation:
-                ids = bdd.read_mask(map_path)
-                map_size = (ids.shape[1], ids.shape[0])
-                conditioning = _png(bdd.colorize_mask(ids))
-            else:
-                conditioning, condition = read_image(map_path, max_pixels)
-                map_size = condition.size
-        except bdd.MaskError as err:
-            skips.add(str(err).removeprefix(f"{map_path.name}: "), map_path.name)
-            continue
-        except BadImage as err:
-            skips.add(f"conditioning {err}", map_path.name)
-            continue
-        except (OSError, UnidentifiedImageError) as err:  # read_mask's own decode
-            skips.add(f"corrupt conditioning image ({err})", map_path.name)
-            continue
-        if map_size != size:
-            skips.add(f"map size differs from image (map {map_size[0]}x{map_size[1]}, image {size[0]}x{size[1]})",
-                      map_path.name)  # fmt: skip
-            continue
-        index.append({"image": str(image_path), "conditioning": str(map_path), "caption": caption})
-        yield {"id": image_path.stem, "image": data, "caption": caption, "conditioning": conditioning,
-               "width": size[0], "height": size[1], "source": "pairs:csv" if c.csv else "pairs:folders"}  # fmt: skip
+    return [{"id": image.stem, "name": image.name, "image": str(image), "map": str(cond), "caption": caption,
+             "files": [str(image), str(cond)]} for image, cond, caption in pairs]  # fmt: skip
+
+
+def pair_row(item: dict, c: PairsSource, prefix: str, max_pixels: int = MAX_PIXELS) -> dict:
+    """One pair -> its shard row (in a shard task): both images checked, sizes matched, a
+    segmentation map stored as the palette map the ControlNet sees."""
+    image_path, map_path = Path(item["image"]), Path(item["map"])
+    try:
+        data, image = read_image(image_path, max_pixels)
+    except BadImage as err:
+        raise Skip(str(err), image_path.name) from None
+    try:
+        if c.segmentation:
+            ids = bdd.read_mask(map_path, max_pixels)
+            map_size = (ids.shape[1], ids.shape[0])
+            conditioning = _png(bdd.colorize_mask(ids))
+        else:
+            conditioning, condition = read_image(map_path, max_pixels)
+            map_size = condition.size
+    except bdd.MaskError as err:
+        raise Skip(str(err).removeprefix(f"{map_path.name}: "), map_path.name) from None
+    except BadImage as err:
+        raise Skip(f"conditioning {err}", map_path.name) from None
+    except (OSError, UnidentifiedImageError) as err:  # read_mask's own decode
+        raise Skip(f"corrupt conditioning image ({err})", map_path.name) from None
+    if map_size != image.size:
+        raise Skip(f"map size differs from image (map {map_size[0]}x{map_size[1]}, image {image.width}x{image.height})",
+                   map_path.name)  # fmt: skip
+    return {"id": item["id"], "image": data, "caption": prefix + item["caption"], "conditioning": conditioning,
+            "width": image.width, "height": image.height, "source": "pairs:csv" if c.csv else "pairs:folders"}  # fmt: skip

@@ -6,41 +6,28 @@ nothing usable is left.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 from collections import Counter
+from functools import lru_cache, partial
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from diffplat.config import PrepareConfig
-from diffplat.data import bdd
 from diffplat.data.bdd_exports import Labelled, write_source4_exports
-from diffplat.data.composite_source import Skips, composite_rows
-from diffplat.data.folder_source import captioned_images
-from diffplat.data.images import BadImage, Duplicates, read_image
-from diffplat.data.pairs_source import pair_rows
-from diffplat.data.shards import write_shards
+from diffplat.data.bdd_source import bdd_items, bdd_row, list_bdd
+from diffplat.data.composite_source import Skips, composite_items, composite_row
+from diffplat.data.folder_source import folder_items, folder_row
+from diffplat.data.images import BadImage
+from diffplat.data.pairs_source import pair_items, pair_row
+from diffplat.data.shard_job import Built, Skip, build_shards, finish
+from diffplat.data.shards import iter_rows
 from diffplat.fileio import replace_dir, write_json_atomic, write_text_atomic
-from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
 
 class NothingUsable(RuntimeError):
     pass
-
-
-def _check_image(path: Path, max_pixels: int) -> tuple[bytes, int, int]:
-    data, image = read_image(path, max_pixels)
-    return data, image.width, image.height
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def prepare(config: PrepareConfig, resolve) -> dict:
@@ -65,7 +52,8 @@ def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path
 
 def prepare_composites(config: PrepareConfig, resolve) -> dict:
     """Composites (built from groups, or existing) -> shards with their layout, plus the built
-    composites as `composites/<id>.png` + `.txt` and `index_composites.jsonl`."""
+    composites as `composites/<id>.png` + `.txt` (the layout source 1's scripts read) and
+    `index_composites.jsonl`."""
     c = config.composites
     out = resolve(config.output)
     folder = resolve(c.images) if c.images else resolve(c.bdd.images) if c.bdd else None
@@ -73,29 +61,45 @@ def prepare_composites(config: PrepareConfig, resolve) -> dict:
         field = "images" if c.images else "bdd.images"
         raise FileNotFoundError(f"prepare.composites.{field}: {folder} is not a folder")
     skips = Skips()
-    index = []
-    # Shards and composites are staged and swapped in together, and only when rows came out:
-    # a failed rerun leaves the previous good output as it was.
-    with replace_dir(out / "shards") as shards_tmp, replace_dir(out / "composites") as images_out:
-        def rows():
-            for row in composite_rows(c, resolve, skips, None if c.groups == "existing" else images_out,
-                                      config.max_image_pixels):
-                index.append({"id": row["id"], "caption": row["caption"], "layout": row["layout"],
-                              "panels": row.pop("panels")})  # fmt: skip
-                if len(index) % 200 == 0:
-                    log.info("prepare: %d composites", len(index))
-                yield row
-
-        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
-        report = {
-            "source": f"composites:{c.groups}",
-            "layout": c.layout,
-            "rows_written": len(index),
-            "skipped": skips.reasons,
-            "shards": [p.name for p in shards],
-        }
-        _finish(out, report, skips.items, len(index) + len(skips.items), folder or resolve(c.list_file))
+    items = composite_items(c, resolve, skips)
+    found = len(items) + len(skips.items)
+    built = _build(config, out, items, partial(composite_row, c=c, max_pixels=config.max_image_pixels), skips)
+    report = _publish(config, out, built, {"source": f"composites:{c.groups}", "layout": c.layout}, skips, found,
+                      folder or resolve(c.list_file))  # fmt: skip
+    index = [{"id": r["id"], "caption": r["caption"], "layout": r["layout"],
+              "panels": [Path(p).name for p in items[r["n"]].get("panels", ())] or None} for r in built.rows()]  # fmt: skip
+    if c.groups != "existing":
+        with replace_dir(out / "composites") as images_out:
+            for row in iter_rows(out / "shards", columns=["id", "image", "caption"]):
+                (images_out / f"{row['id']}.png").write_bytes(row["image"])
+                (images_out / f"{row['id']}.txt").write_text(row["caption"] + "\n")
     write_text_atomic(out / "index_composites.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+    return report
+
+
+def _settings(config: PrepareConfig) -> dict:
+    """What shapes a shard's rows besides its items: a change makes every shard again."""
+    return {"version": 1, **config.model_dump(mode="json", exclude={"output", "rows_per_shard"})}
+
+
+def _build(config: PrepareConfig, out: Path, items: list[dict], make_row, skips: Skips) -> Built:
+    """The items -> shards (in parallel on the job's Ray), their skips added to `skips`."""
+    log.info("prepare: %d items to read", len(items))
+    built = build_shards(items, make_row, out / "shards", config.rows_per_shard, _settings(config),
+                         config.max_image_side)  # fmt: skip
+    for name, reason in built.skipped:
+        skips.add(reason, name)
+    return built
+
+
+def _publish(config: PrepareConfig, out: Path, built: Built, report: dict, skips: Skips, found: int, where: Path) -> dict:
+    """Report, judge (nothing usable: the previous shards stay), then swap the new shards in."""
+    report.update(rows_written=built.row_count, skipped=skips.reasons, shards_reused=built.reused,
+                  shards=[s["file"] for s in built.shards])  # fmt: skip
+    _finish(out, report, skips.items, found, where)
+    manifest = finish(built, out / "shards", report["source"])
+    report["bytes_written"] = manifest["bytes"]
+    write_json_atomic(out / "prepare_report.json", report)
     return report
 
 
@@ -107,13 +111,15 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
         value = getattr(c, field)
         if value is not None and not c.csv and not resolve(value).is_dir():
             raise FileNotFoundError(f"prepare.pairs.{field}: {resolve(value)} is not a folder")
-    skips, index = Skips(), []
-    with replace_dir(out / "shards") as shards_tmp:
-        shards = write_shards(pair_rows(c, resolve, skips, index, config.max_image_pixels), shards_tmp,
-                              config.rows_per_shard)
-        report = {"source": "pairs:csv" if c.csv else "pairs:folders", "rows_written": len(index),
-                  "skipped": skips.reasons, "shards": [p.name for p in shards]}  # fmt: skip
-        _finish(out, report, skips.items, len(index) + len(skips.items), resolve(c.csv or c.images))
+    skips = Skips()
+    items = pair_items(c, resolve, skips)
+    found = len(items) + len(skips.items)
+    built = _build(config, out, items, partial(pair_row, c=c, prefix=config.caption_prefix,
+                                                max_pixels=config.max_image_pixels), skips)  # fmt: skip
+    report = _publish(config, out, built, {"source": "pairs:csv" if c.csv else "pairs:folders"}, skips, found,
+                      resolve(c.csv or c.images))  # fmt: skip
+    index = [{"image": items[r["n"]]["image"], "conditioning": items[r["n"]]["map"], "caption": r["caption"]}
+             for r in built.rows()]  # fmt: skip
     write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in index))
     return report
 
@@ -121,159 +127,84 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
 def prepare_folder(config: PrepareConfig, resolve) -> dict:
     """Images with captions (.txt files or metadata.jsonl) -> shards + index_lora.jsonl."""
     out = resolve(config.output)
-    skips, index, seen, duplicates = Skips(), [], {}, Duplicates()
-
-    def rows():
-        for path, caption in captioned_images(config.folder, resolve, skips):
-            try:
-                data, width, height = _check_image(path, config.max_image_pixels)
-            except BadImage as err:
-                skips.add(str(err), path.name)
-                continue
-            if path.stem in seen:
-                skips.add(f"duplicate name (as {seen[path.stem]})", str(path))
-                continue
-            first = duplicates.seen(data, path.name)
-            if first:
-                skips.add(f"duplicate image (same content as {first})", path.name)
-                continue
-            seen[path.stem] = str(path)
-            caption = config.caption_prefix + caption
-            index.append({"image": str(path), "caption": caption})
-            if len(index) % 500 == 0:
-                log.info("prepare: %d images", len(index))
-            yield {"id": path.stem, "image": data, "caption": caption, "width": width, "height": height,
-                   "source": "folder"}  # fmt: skip
-
-    with replace_dir(out / "shards") as shards_tmp:
-        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
-        report = {"source": "folder", "rows_written": len(index), "skipped": skips.reasons,
-                  "shards": [p.name for p in shards]}  # fmt: skip
-        _finish(out, report, skips.items, len(index) + len(skips.items), resolve(config.folder.images))
+    skips = Skips()
+    items = folder_items(config.folder, resolve, skips)
+    found = len(items) + len(skips.items)
+    built = _build(config, out, items, partial(folder_row, prefix=config.caption_prefix,
+                                                max_pixels=config.max_image_pixels), skips)  # fmt: skip
+    report = _publish(config, out, built, {"source": "folder"}, skips, found, resolve(config.folder.images))
+    index = [{"image": items[r["n"]]["image"], "caption": r["caption"]} for r in built.rows()]
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in index))
     return report
+
+
+@lru_cache(maxsize=2)
+def _source_table(path: str, mtime_ns: int):  # the file's time in the key: a rewritten file is read again
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def shard_row(item: dict, max_pixels: int) -> dict:
+    """A row of another run's shards, its image decoded and checked again (in a shard task)."""
+    from diffplat.data.images import decode_image
+
+    row = _source_table(item["file"], os.stat(item["file"]).st_mtime_ns).slice(item["row"], 1).to_pylist()[0]
+    try:
+        decode_image(row["image"] or b"", max_pixels)
+    except BadImage as err:
+        raise Skip(str(err), item["name"]) from None
+    return row
 
 
 def prepare_shards(config: PrepareConfig, resolve) -> dict:
     """Another run's shards -> this run's: every image decoded and checked again, duplicates
     dropped, rows_per_shard applied; rows keep their captions, maps and layouts."""
-    from diffplat.data.images import decode_image
-    from diffplat.data.shards import iter_rows
+    import pyarrow.parquet as pq
+
+    from diffplat.data.shards import shard_files
 
     source = resolve(config.shards.path)
+    skips = Skips()
+    items = [{"id": row_id, "name": f"{path.name}[{i}] ({row_id})", "file": str(path), "row": i, "files": [str(path)]}
+             for path in shard_files(source)
+             for i, row_id in enumerate(pq.read_table(path, columns=["id"]).column("id").to_pylist())]  # fmt: skip
     out = resolve(config.output)
-    skips, duplicates, count = Skips(), Duplicates(), [0]
-
-    def rows():
-        for row in iter_rows(source):
-            try:
-                decode_image(row["image"] or b"", config.max_image_pixels)
-            except BadImage as err:
-                skips.add(str(err), str(row["id"]))
-                continue
-            first = duplicates.seen(row["image"], str(row["id"]))
-            if first:
-                skips.add(f"duplicate image (same content as {first})", str(row["id"]))
-                continue
-            count[0] += 1
-            yield row
-
-    with replace_dir(out / "shards") as shards_tmp:
-        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
-        report = {"source": "shards", "rows_written": count[0], "skipped": skips.reasons,
-                  "shards": [p.name for p in shards]}  # fmt: skip
-        _finish(out, report, skips.items, count[0] + len(skips.items), source)
-    return report
+    built = _build(config, out, items, partial(shard_row, max_pixels=config.max_image_pixels), skips)
+    return _publish(config, out, built, {"source": "shards"}, skips, len(items), source)
 
 
 def prepare_bdd(config: PrepareConfig, resolve) -> dict:
-    """BDD images + labels + masks -> shards. `resolve` turns config paths into real paths."""
-    src = config.bdd
-    images_dir = resolve(src.images)
-    masks_dir = resolve(src.seg_masks) if src.seg_masks else None
+    """BDD images + labels + masks -> shards, index files and source 4's exports."""
     out = resolve(config.output)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"prepare.bdd.images: {images_dir} is not a folder")
-
-    frames: dict[str, bdd.FrameLabels] = {}
-    skipped: list[str] = []
-    for label_file in src.labels:
-        found, bad = bdd.load_label_file(resolve(label_file))
-        frames.update(found)
-        skipped.extend(bad)
+    images, frames, bad_records = list_bdd(config, resolve)
+    skips = Skips()
+    for message in bad_records:
+        skips.add("bad label record", message)
     unknown = Counter(c for f in frames.values() for c in f.unknown_categories)
-
-    images = list_images(images_dir)
-    reasons: Counter[str] = Counter({"bad label record": len(skipped)} if skipped else {})
-    sources: Counter[str] = Counter()
-    lora_index, controlnet_index, exports, duplicates = [], [], [], Duplicates()
-
-    def rows():
-        for n, path in enumerate(images, 1):
-            if n % 500 == 0:
-                log.info("prepare: %d/%d images", n, len(images))
-            try:
-                data, width, height = _check_image(path, config.max_image_pixels)
-            except BadImage as err:
-                skipped.append(f"{path.name}: {err}")
-                reasons[err.reason] += 1
-                continue
-            first = duplicates.seen(data, path.name)
-            if first:
-                skipped.append(f"{path.name}: duplicate image (same content as {first})")
-                reasons["duplicate image"] += 1
-                continue
-            frame = frames.get(path.name)
-            mask_path = bdd.find_mask(masks_dir, path.name)
-            try:
-                mask = bdd.read_mask(mask_path) if mask_path else None
-            except bdd.MaskError as err:
-                skipped.append(str(err))
-                reasons["bad mask"] += 1
-                mask = None
-            if mask is not None and mask.shape[:2] != (height, width):
-                skipped.append(f"{mask_path.name}: mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
-                reasons["mask size differs from image"] += 1
-                mask = None
-            if frame is not None:
-                caption, source = bdd.caption_from_labels(frame, config.caption_prefix, src.caption_template), "bdd:labels"
-            elif mask is not None:
-                caption, source = bdd.caption_from_mask(mask, config.caption_prefix), "bdd:mask"
-            else:
-                skipped.append(f"{path.name}: no label record and no mask, so no caption")
-                reasons["no caption source"] += 1
-                continue
-            conditioning = _png_bytes(bdd.colorize_mask(mask)) if mask is not None else None
-            sources[source] += 1
-            exports.append(Labelled(path, caption, width, height, mask_path if conditioning is not None else None,
-                                    frame.boxes if frame is not None else ()))  # fmt: skip
-            lora_index.append({"image": str(path), "caption": caption})
-            if mask_path is not None and conditioning is not None:
-                controlnet_index.append({"image": str(path), "conditioning": str(mask_path), "caption": caption})
-            yield {
-                "id": path.stem,
-                "image": data,
-                "caption": caption,
-                "conditioning": conditioning,
-                "width": width,
-                "height": height,
-                "source": source,
-            }
-
-    with replace_dir(out / "shards") as shards_tmp:
-        shards = write_shards(rows(), shards_tmp, config.rows_per_shard)
-        total = sum(sources.values())
-        report = {
-            "source": "bdd",
-            "images_found": len(images),
-            "rows_written": total,
-            "rows_by_caption_source": dict(sources),
-            "with_conditioning": len(controlnet_index),
-            "skipped": dict(reasons),
-            "unknown_categories": dict(unknown),
-            "shards": [p.name for p in shards],
-        }
-        _finish(out, report, skipped, len(images), images_dir)
+    masks = resolve(config.bdd.seg_masks) if config.bdd.seg_masks else None
+    items = bdd_items(images, frames, masks, config)
+    built = _build(config, out, items, partial(bdd_row, prefix=config.caption_prefix,
+                                                max_pixels=config.max_image_pixels), skips)  # fmt: skip
+    rows = list(built.rows())
+    report = {
+        "source": "bdd",
+        "images_found": len(images),
+        "rows_by_caption_source": dict(Counter(r["source"] for r in rows)),
+        "with_conditioning": sum(r["conditioning"] for r in rows),
+        "unknown_categories": dict(unknown),
+    }
+    _publish(config, out, built, report, skips, len(images), resolve(config.bdd.images))
+    lora_index, controlnet_index, exports = [], [], []
+    for r in rows:
+        item = items[r["n"]]
+        frame = frames.get(item["name"])
+        mask = Path(item["mask"]) if r["conditioning"] else None
+        # the YOLO export links the original image: its boxes are in the size it was found at
+        exports.append(Labelled(Path(item["image"]), r["caption"], *r["found"], mask, frame.boxes if frame else ()))
+        lora_index.append({"image": item["image"], "caption": r["caption"]})
+        if mask is not None:
+            controlnet_index.append({"image": item["image"], "conditioning": item["mask"], "caption": r["caption"]})
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in lora_index))
     write_text_atomic(out / "index_controlnet.jsonl", "".join(json.dumps(r) + "\n" for r in controlnet_index))
     write_source4_exports(out, exports)

@@ -6,6 +6,7 @@ Rows are `{id, image, caption, conditioning, layout, width, height, source}`; `i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,6 +28,30 @@ SCHEMA = pa.schema(
 )
 
 
+META_KEY = b"diffplat"  # the footer entry where prepare describes a shard (shard_job.py)
+
+
+def write_shard(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
+    """One shard file, whole or not at all; `meta` goes into its footer as JSON."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    if meta is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_shard_meta(path: Path) -> dict | None:
+    """The footer description of a shard prepare wrote (None: no file, or not one of ours)."""
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None
+
+
 def write_shards(rows: Iterable[dict], folder: Path, rows_per_shard: int = 256) -> list[Path]:
     """Write rows as `shard-00000.parquet`, ...; each file appears whole or not at all."""
     folder = Path(folder)
@@ -37,12 +62,7 @@ def write_shards(rows: Iterable[dict], folder: Path, rows_per_shard: int = 256) 
     batch: list[dict] = []
 
     def flush() -> None:
-        path = folder / f"shard-{len(written):05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in batch], schema=SCHEMA)
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        written.append(path)
+        written.append(write_shard(batch, folder / f"shard-{len(written):05d}.parquet"))
         batch.clear()
 
     for row in rows:
