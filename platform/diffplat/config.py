@@ -1,7 +1,7 @@
 """Typed job configs: YAML -> pydantic model -> the function that runs each stage.
 
-A job file names the stages it runs (`prepare`, `train`, `generate`, `filter`); each present
-section runs, in that order. Relative paths are relative to the job's work folder.
+A job file names the stages it runs (`prepare`, `cache`, `train`, `generate`, `filter`); each
+present section runs, in that order. Relative paths are relative to the job's work folder.
 """
 
 from __future__ import annotations
@@ -239,6 +239,9 @@ class TrainConfig(_Strict):
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
     variant: str | None = None
     data: str = Field(description="folder of Parquet shards written by `prepare`")
+    cache: str | None = Field(None, description="a folder written by a `cache` stage: latents and text embeddings "
+                              "come from it, and the VAE and text encoders are never loaded (rank 0 loads them "
+                              "for validation images only)")  # fmt: skip
     output: str = "adapters/lora"
     resolution: ModelResolution = (1024, 1024)
     center_crop: bool = True
@@ -299,7 +302,42 @@ class TrainConfig(_Strict):
             raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules, e.g. '1:10,0.1:20,0.01'")
         if self.train_text_encoder and self.kind == "controlnet":
             raise ValueError("train_text_encoder: a ControlNet trains with the text encoders frozen; use kind lora")
+        if self.cache and self.train_text_encoder:
+            raise ValueError("cache: train_text_encoder trains the text encoders, so the embeddings cannot come "
+                             "from a cache; drop one of the two")  # fmt: skip
+        if self.cache and self.kind == "ic_lora" and self.ic_lora.mode == "masked":
+            raise ValueError("cache: ic_lora mode masked encodes each step's partly hidden composite, which needs "
+                             "the pixels; use mode composite, or train masked without a cache")  # fmt: skip
         return self
+
+
+class CacheConfig(_Strict):
+    """The `cache` stage: the VAE and both text encoders run once over the shards (Ray Data
+    actors, on GPUs where there are) and their latents and embeddings are written as shards;
+    `train.cache` then trains from them and never loads those models. The fields that make a row
+    (model, vae, variant, resolution, crop, flip, seed, max_token_length) must be train's own:
+    training refuses a cache made otherwise, naming the field."""
+
+    data: str = Field(description="folder of Parquet shards written by `prepare`")
+    output: str = "cache"
+    base_model: str = Field(description="hub id or local folder of an SDXL pipeline (its VAE and text encoders)")
+    vae: str | None = Field(None, description="a VAE to use instead of the base model's, as train.vae")
+    variant: str | None = None
+    resolution: ModelResolution = (1024, 1024)
+    center_crop: bool = True
+    random_flip: bool = False
+    seed: int = Field(0, description="train.seed: a row's random crop and flip come from it and the row's id")
+    max_token_length: TokenLength = 75
+    conditioning: bool = Field(False, description="keep each row's conditioning pixels (ControlNet); rows "
+                               "without a conditioning image are left out")  # fmt: skip
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="of the text encoders and the "
+                                                             "stored arrays; the VAE runs in float32 unless `vae` "
+                                                             "is given (as in train)")  # fmt: skip
+    batch_size: int = Field(8, gt=0, description="rows per encoder call")
+    replicas: int = Field(1, gt=0, description="encoder copies on Ray Data; one per GPU on a cluster")
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    rows_per_shard: int = Field(256, gt=0)
 
 
 class PanelFillSettings(_Strict):
@@ -459,6 +497,7 @@ class JobConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     prepare: PrepareConfig | None = None
+    cache: CacheConfig | None = None
     train: TrainConfig | None = None
     generate: GenerateConfig | None = None
     filter: FilterConfig | None = None
@@ -467,13 +506,19 @@ class JobConfig(_Strict):
     def _has_a_stage(self) -> "JobConfig":
         if not self.stages():
             raise ValueError("a job needs at least one of: " + ", ".join(STAGES))
+        if self.cache and self.train and self.train.cache == self.cache.output:
+            from diffplat.data.cache import cache_differs
+
+            problem = cache_differs(self.cache.model_dump(mode="json"), self.train, "cache.{field}")
+            if problem:
+                raise ValueError(problem)
         return self
 
     def stages(self) -> list[str]:
         return [name for name in STAGES if getattr(self, name) is not None]
 
 
-STAGES = ("prepare", "train", "generate", "filter")
+STAGES = ("prepare", "cache", "train", "generate", "filter")
 
 
 def parse_config(data: dict, source: str = "<config>") -> JobConfig:

@@ -2,8 +2,8 @@
 
 A wrong `base_model` found inside a Ray actor is a 350-line traceback minutes into a run; found
 here it is one line naming the field and the value, in well under a second. A path that an
-earlier stage of the same job writes (the shards of `prepare`, the adapter of `train`, the
-images of `generate`) is not checked: it is not there yet.
+earlier stage of the same job writes (the shards of `prepare`, the folder of `cache`, the adapter
+of `train`, the images of `generate`) is not checked: it is not there yet.
 """
 
 from __future__ import annotations
@@ -96,11 +96,20 @@ class Preflight:
         elif not any(folder.glob("*.parquet")):
             self.problems.append(f"{field}: {value} holds no Parquet shards (written by a prepare stage)")
 
+    def cache(self, field: str, value: str) -> None:
+        from diffplat.data.cache import CACHE_INFO
+
+        folder = self.resolve(value)
+        if not folder.is_dir():
+            self.problems.append(f"{field}: {value} is not a folder (run a cache stage first, or add one to the job)")
+        elif not (folder / CACHE_INFO).is_file():
+            self.problems.append(f"{field}: {value} has no {CACHE_INFO}; it is not a folder a cache stage wrote")
+
 
 def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
-    """Whether a path lies in what the job's own stages write (prepare's output folder, train's
-    adapter, generate's images), so later stages may name it before it exists."""
-    outputs = [resolve(stage.output) for stage in (config.prepare, config.train, config.generate) if stage]
+    """Whether a path lies in what the job's own stages write (prepare's output folder, the cache,
+    train's adapter, generate's images), so later stages may name it before it exists."""
+    outputs = [resolve(stage.output) for stage in (config.prepare, config.cache, config.train, config.generate) if stage]
 
     outputs = [out.resolve() for out in outputs]
 
@@ -140,6 +149,12 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
         if p.source == "folder" and p.folder:
             check.folder("prepare.folder.images", p.folder.images)
             check.folder("prepare.folder.captions", p.folder.captions)
+    c = config.cache
+    if c is not None:
+        check.model("cache.base_model", c.base_model, "model_index.json", "pipeline")
+        check.model("cache.vae", c.vae, "config.json", "VAE")
+        if not made(c.data):
+            check.shards("cache.data", c.data)
     t = config.train
     if t is not None:
         check.model("train.base_model", t.base_model, "model_index.json", "pipeline")
@@ -147,6 +162,8 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
         check.model("train.controlnet.init", t.controlnet.init, "config.json", "ControlNet")
         if not made(t.data):
             check.shards("train.data", t.data)
+        if t.cache and not made(t.cache):
+            check.cache("train.cache", t.cache)
     g = config.generate
     if g is not None:
         check.model("generate.base_model", g.base_model, "model_index.json", "pipeline")

@@ -85,6 +85,19 @@ def _prepare(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     return report
 
 
+def _cache(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.data.cache import CACHE_INFO, run_cache
+
+    c = config.cache
+    resolved = c.model_copy(update={"data": str(work.path(c.data)), "base_model": work.model(c.base_model),
+                                    "vae": work.model(c.vae) if c.vae else None})  # fmt: skip
+    output = work.path(c.output)
+    report = run_cache(resolved, output)
+    tracking.log_metrics({k: report[k] for k in ("rows", "rows_left_out", "shards", "rows_per_s")})
+    tracking.log_artifacts(output / CACHE_INFO)
+    return report
+
+
 def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     from diffplat.train.trainer import run_training
 
@@ -93,6 +106,7 @@ def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
         "data": str(work.path(c.data)),
+        "cache": str(work.path(c.cache)) if c.cache else None,
         "controlnet": c.controlnet.model_copy(update={"init": work.model(c.controlnet.init) if c.controlnet.init else None}),
         "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
     })  # fmt: skip
@@ -149,7 +163,7 @@ def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     return {k: v for k, v in report.items() if k != "per_image"}
 
 
-STAGE_RUNNERS = {"prepare": _prepare, "train": _train, "generate": _generate, "filter": _filter}
+STAGE_RUNNERS = {"prepare": _prepare, "cache": _cache, "train": _train, "generate": _generate, "filter": _filter}
 assert tuple(STAGE_RUNNERS) == STAGES
 
 

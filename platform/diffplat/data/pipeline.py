@@ -20,16 +20,18 @@ class ToTrainingArrays:
     crop would cut panels and a flip would swap them against their caption's scene order.
     With `conditioning` (ControlNet), each row's conditioning image goes through exactly the same
     resize, crop and flip as its image (nearest-neighbour, so a segmentation map keeps its
-    palette colours), and rows without one are left out.
+    palette colours), and rows without one are left out. With `ids`, each row's id goes along
+    (the cache stage keys its rows by it).
     Undecodable rows are dropped with a warning (prepare has already checked them once).
     """
 
     def __init__(self, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
-                 conditioning: bool = False):  # fmt: skip
+                 conditioning: bool = False, ids: bool = False):  # fmt: skip
         self.width, self.height = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.conditioning = conditioning
+        self.ids = ids
         self.seed = seed
 
     def _geometry(self, row_id: str, width: int, height: int, layout: str | None):
@@ -66,7 +68,8 @@ class ToTrainingArrays:
         return pixels, original, (box[1], left), cond
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("pixel_values", "original_size", "crop_top_left", "caption", "layout", "conditioning_pixel_values")}
+        out = {k: [] for k in ("pixel_values", "original_size", "crop_top_left", "caption", "layout",
+                               "conditioning_pixel_values", "id")}  # fmt: skip
         conditionings = batch["conditioning"] if self.conditioning else [None] * len(batch["id"])
         for row_id, data, caption, layout, cond in zip(batch["id"], batch["image"], batch["caption"], batch["layout"],
                                                        conditionings):  # fmt: skip
@@ -77,7 +80,7 @@ class ToTrainingArrays:
             except Exception as err:  # a bad row must not stop a long training run
                 log.warning("skipping row %s: cannot decode image (%s)", row_id, err)
                 continue
-            for key, value in zip(out, (p, o, c, caption, layout or "", k)):
+            for key, value in zip(out, (p, o, c, caption, layout or "", k, row_id)):
                 out[key].append(value)
         empty = np.zeros((0, 3, self.height, self.width), np.float32)
         arrays = {
@@ -90,11 +93,13 @@ class ToTrainingArrays:
         if self.conditioning:
             stacked = out["conditioning_pixel_values"]
             arrays["conditioning_pixel_values"] = np.stack(stacked).astype(np.float32) if stacked else empty
+        if self.ids:
+            arrays["id"] = np.array(out["id"], dtype=object)
         return arrays
 
 
 def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
-                     conditioning: bool = False):  # fmt: skip
+                     conditioning: bool = False, ids: bool = False):  # fmt: skip
     import ray.data
 
     from diffplat.data.shards import shard_files
@@ -114,5 +119,5 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
     # machine the reader then waits forever for the CPU the training workers left over.
     return ds.map_batches(
-        ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning), batch_size=16, batch_format="numpy"
+        ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids), batch_size=16, batch_format="numpy"
     )

@@ -24,15 +24,16 @@ def source_kwargs(model: str, variant: str | None = None) -> dict:
 
 @dataclass
 class SDXLParts:
-    """What a training step needs; the text encoders and VAE stay frozen."""
+    """What a training step needs; the text encoders and VAE stay frozen. Training from a cache
+    loads only the UNet and the noise scheduler: the other parts are None."""
 
-    tokenizer: object
-    tokenizer_2: object
-    text_encoder: torch.nn.Module
-    text_encoder_2: torch.nn.Module
-    vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer: object = None
+    tokenizer_2: object = None
+    text_encoder: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
 
 
 def load_vae(base_model: str, vae: str | None, variant: str | None = None):
@@ -43,21 +44,34 @@ def load_vae(base_model: str, vae: str | None, variant: str | None = None):
     return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **source_kwargs(base_model, variant))
 
 
-def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None = None) -> SDXLParts:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def load_encoders(base_model: str, vae: str | None = None, variant: str | None = None) -> dict:
+    """The parts that turn captions and pixels into what the UNet sees: both tokenizers and text
+    encoders, and the VAE (SDXLParts' field names)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = source_kwargs(base_model, variant)
     tok_kw = {"local_files_only": kw["local_files_only"]}
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **tok_kw),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **tok_kw),
+        "text_encoder": CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
+        "vae": load_vae(base_model, vae, variant),
+    }
+
+
+def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None = None,
+                    encoders: bool = True) -> SDXLParts:  # fmt: skip
+    """The UNet and the noise scheduler, and with `encoders` (not from a cache) load_encoders' parts."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    kw = source_kwargs(base_model, variant)
     return SDXLParts(
-        tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **tok_kw),
-        tokenizer_2=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **tok_kw),
-        text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
-        vae=load_vae(base_model, vae, variant),
         unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
         # Training adds noise with DDPM's schedule, from the base model's own scheduler config.
-        noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", **tok_kw),
+        noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler",
+                                                      local_files_only=kw["local_files_only"]),  # fmt: skip
+        **(load_encoders(base_model, vae, variant) if encoders else {}),
     )
 
 

@@ -17,11 +17,26 @@ import torch
 WINDOW = 75  # content tokens per CLIP window (77 with the start and end tokens)
 
 
+def _token_ids(tokenizer, captions: list[str]) -> list[list[int]]:
+    return tokenizer(captions, truncation=False, add_special_tokens=False, verbose=False).input_ids
+
+
+def _counts(ids: list[list[int]], max_token_length: int) -> list[int]:
+    limit = max(1, max_token_length // WINDOW)
+    return [min(limit, max(1, -(-len(i) // WINDOW))) for i in ids]
+
+
+def window_counts(tokenizer, captions: list[str], max_token_length: int) -> list[int]:
+    """The windows each caption fills on its own. A batch is encoded with the most of them; a
+    caption's windows past its own hold no tokens ([start, end, pad...]), so they are the
+    empty prompt's one window (the cache stores captions alone and pads with that)."""
+    return _counts(_token_ids(tokenizer, captions), max_token_length)
+
+
 def _windows(tokenizer, captions: list[str], max_token_length: int) -> torch.Tensor:
     """(batch, windows, 77) token ids; every caption gets the same number of windows."""
-    ids = tokenizer(captions, truncation=False, add_special_tokens=False, verbose=False).input_ids
-    limit = max(1, max_token_length // WINDOW)
-    count = min(limit, max(1, max(-(-len(i) // WINDOW) for i in ids)))
+    ids = _token_ids(tokenizer, captions)
+    count = max(_counts(ids, max_token_length))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out = torch.full((len(captions), count, WINDOW + 2), pad, dtype=torch.long)

@@ -146,7 +146,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  config.deepspeed.zero_stage, config.mixed_precision, ", EMA" if ema else "")  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
-    info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world}
+    info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world,
+            **({"cache": config.cache} if config.cache else {})}  # fmt: skip
     step, micro, epoch, batch_in_epoch, loss = 0, 0, 0, 0, None
 
     def averaged():

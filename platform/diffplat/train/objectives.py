@@ -6,7 +6,9 @@ optimise, the loss for one batch, and how the adapter is saved.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,11 @@ import torch
 
 from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
-from diffplat.models.loading import DTYPES, SDXLParts, load_sdxl_parts
+from diffplat.models.loading import DTYPES, SDXLParts, load_encoders, load_sdxl_parts
 from diffplat.models.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
 from diffplat.models.text import encode_prompts
+
+log = logging.getLogger("diffplat")
 
 
 def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
@@ -29,24 +33,32 @@ def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target: t
 class DiffusionObjective:
     """What every kind shares: frozen text encoders and VAE, SDXL's conditioning, noise and
     timesteps, the loss. A kind says what trains (`module`), what the UNet sees, and how the
-    result is saved."""
+    result is saved. With `train.cache`, latents and embeddings come from the cache and the VAE
+    and text encoders are not loaded (`parts` holds None for them)."""
 
     def __init__(self, config: TrainConfig, device: torch.device):
+        from diffplat.data.cache import CachedInputs
+
         self.config = config
         self.device = device
-        self.parts = load_sdxl_parts(config.base_model, config.vae, config.variant)
+        self.cache = CachedInputs(config.cache, device) if config.cache else None
+        self.parts = load_sdxl_parts(config.base_model, config.vae, config.variant, encoders=self.cache is None)
         self.weight_dtype = DTYPES[config.mixed_precision]
-        for frozen in (self.parts.text_encoder, self.parts.text_encoder_2):
-            frozen.requires_grad_(False).to(device, self.weight_dtype).eval()
-        # The SDXL VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE is given.
-        vae_dtype = self.weight_dtype if (config.vae and self.weight_dtype != torch.float32) else torch.float32
-        self.parts.vae.requires_grad_(False).to(device, vae_dtype).eval()
+        if self.cache is None:
+            self._freeze_encoders()
         self.scheduler = self.parts.noise_scheduler
         if config.prediction_type:  # diffusers' --prediction_type
             self.scheduler.register_to_config(prediction_type=config.prediction_type)
         self.prediction_type = self.scheduler.config.prediction_type
         # Caption dropout draws from its own generator (the loop seeded torch with seed + rank).
         self.caption_rng = torch.Generator().manual_seed(torch.initial_seed() + 104729)
+
+    def _freeze_encoders(self) -> None:
+        for frozen in (self.parts.text_encoder, self.parts.text_encoder_2):
+            frozen.requires_grad_(False).to(self.device, self.weight_dtype).eval()
+        # The SDXL VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE is given.
+        vae_dtype = self.weight_dtype if (self.config.vae and self.weight_dtype != torch.float32) else torch.float32
+        self.parts.vae.requires_grad_(False).to(self.device, vae_dtype).eval()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -71,20 +83,37 @@ class DiffusionObjective:
         return model(unet_input.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added,
                      return_dict=False)[0]  # fmt: skip
 
-    def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def dropped_captions(self, count: int) -> list[bool]:
+        """Which captions become the empty prompt (diffusers' --proportion_empty_prompts)."""
+        if not self.config.proportion_empty_prompts:
+            return [False] * count
+        return (torch.rand(count, generator=self.caption_rng) < self.config.proportion_empty_prompts).tolist()
+
+    def encoded(self, batch: dict, generator: torch.Generator):
+        """(latents, prompt_embeds, pooled, original_size, crop_top_left, pixels) of a batch: from
+        the cache's rows (pixels None), or encoded now. Random draws in the same order both ways
+        (caption dropout, then the latent sample), so one generator state gives the same step."""
+        dropped = self.dropped_captions(len(batch["caption"]))
+        if self.cache:
+            original, crop = self.cache.sizes(batch)
+            latents = self.cache.latents(batch, generator)
+            return (latents, *self.cache.prompts(batch, dropped), original, crop, None)
         pixels = torch.as_tensor(batch["pixel_values"]).to(self.device, self.parts.vae.dtype)
-        captions = [str(c) for c in batch["caption"]]
-        if self.config.proportion_empty_prompts:  # diffusers' --proportion_empty_prompts
-            drop = torch.rand(len(captions), generator=self.caption_rng) < self.config.proportion_empty_prompts
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        captions = ["" if d else str(c) for c, d in zip(batch["caption"], dropped)]
         with torch.no_grad():
             latents = self.encode_images(pixels, generator)
         with torch.set_grad_enabled(self.config.train_text_encoder):
             prompt_embeds, pooled = encode_prompts((self.parts.tokenizer, self.parts.tokenizer_2),
                                                    (self.parts.text_encoder, self.parts.text_encoder_2),
                                                    captions, self.device, self.config.max_token_length)  # fmt: skip
-        ids = time_ids(torch.as_tensor(batch["original_size"]), torch.as_tensor(batch["crop_top_left"]),
-                       self.config.resolution).to(self.device)  # fmt: skip
+        original, crop = torch.as_tensor(batch["original_size"]), torch.as_tensor(batch["crop_top_left"])
+        return latents, prompt_embeds, pooled, original, crop, pixels
+
+    def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if self.cache and self.cache.info["conditioning"] and "conditioning" in batch:
+            batch = {**batch, "conditioning_pixel_values": self.cache.conditioning(batch)}
+        latents, prompt_embeds, pooled, original, crop, pixels = self.encoded(batch, generator)
+        ids = time_ids(original, crop, self.config.resolution).to(self.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.config.noise_offset:
             noise += self.config.noise_offset * torch.randn(
@@ -115,9 +144,17 @@ class DiffusionObjective:
         return clipped / (snr + 1 if self.prediction_type == "v_prediction" else snr)
 
     def _pipeline(self, pipeline_class, **components):
-        """A sampling pipeline around the parts being trained (no copies: the live adapter)."""
+        """A sampling pipeline around the parts being trained (no copies: the live adapter).
+        Trained from a cache, the VAE and text encoders are loaded at the first validation (on
+        rank 0, the only one that validates) and kept for the next."""
         from diffusers import EulerDiscreteScheduler
 
+        if self.parts.vae is None:
+            log.info("train: loading the VAE and text encoders for validation images (rank 0; the cache stands "
+                     "in for them in training)")  # fmt: skip
+            c = self.config
+            self.parts = dataclasses.replace(self.parts, **load_encoders(c.base_model, c.vae, c.variant))
+            self._freeze_encoders()
         p = self.parts
         parts = dict(vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2, tokenizer=p.tokenizer,
                      tokenizer_2=p.tokenizer_2, unet=p.unet,
@@ -235,6 +272,8 @@ class IcLoraObjective(LoraObjective):
         self.inpainting = channels == INPAINT_CHANNELS
         if self.settings.mode == "masked" and not self.inpainting:
             raise ValueError(needs_inpainting_unet(config.base_model, channels))
+        if self.cache and self.inpainting:
+            raise ValueError(cache_needs_plain_unet(config.base_model))
         # Panel choices come from their own generator, so they do not shift the noise draws;
         # the loop seeded torch with seed + rank, so every worker hides different panels.
         self.panel_rng = torch.Generator().manual_seed(torch.initial_seed() + 7919)
@@ -306,6 +345,11 @@ def needs_inpainting_unet(base_model: str, channels: int) -> str:
         f"masked-image latents), e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1; {base_model} has "
         f"{channels}. Use mode: composite for a text-to-image base model."
     )
+
+
+def cache_needs_plain_unet(base_model: str) -> str:
+    return (f"train.cache: {base_model} has an inpainting UNet, which sees each step's masked-image latents, encoded "
+            "from the pixels; a cache has none. Train it without a cache, or from a text-to-image base model")
 
 
 class ControlNetObjective(DiffusionObjective):

@@ -33,36 +33,44 @@ def _shard_summary(shards: str, conditioning: bool) -> tuple[int, set[str]]:
 
 def check_training_data(config: TrainConfig) -> TrainConfig:
     """Fail before any worker starts on data or a model that cannot train this kind; turn
-    `num_train_epochs` into steps (the lr schedule needs the total)."""
-    if "://" in config.data:
+    `num_train_epochs` into steps (the lr schedule needs the total). With a cache, the cache's
+    rows are what trains, and it must have been made as this config would encode."""
+    if config.cache:
+        from diffplat.data.cache import check_cache
+
+        check_cache(config)
+    elif "://" in config.data:
         if config.num_train_epochs:
             raise ConfigError("train.num_train_epochs needs local shards to count rows; give max_train_steps")
         return config
-    rows, layouts = _shard_summary(config.data, conditioning=config.kind == "controlnet")
+    field, source = ("train.cache", config.cache) if config.cache else ("train.data", config.data)
+    rows, layouts = _shard_summary(source, conditioning=config.kind == "controlnet")
     if config.kind == "controlnet" and rows == 0:
-        raise ConfigError(f"train.data: {config.data} has no row with a conditioning image; controlnet trains on "
+        raise ConfigError(f"{field}: {source} has no row with a conditioning image; controlnet trains on "
                           "image + map pairs (BDD images with masks, or source: pairs)")  # fmt: skip
     if config.kind == "ic_lora":
         from diffplat.data.composites import CompositeError, Layout
 
         if None in layouts:
-            raise ConfigError(f"train.data: {config.data} has rows without a layout; ic_lora trains on composites "
+            raise ConfigError(f"{field}: {source} has rows without a layout; ic_lora trains on composites "
                               "(prepare them with source: composites)")  # fmt: skip
         for text in sorted(layouts):
             try:
                 Layout.parse(text).check_size(*config.resolution, f"train.resolution {list(config.resolution)}", 8)
             except CompositeError as err:
                 raise ConfigError(str(err)) from None
-        if config.ic_lora.mode == "masked":
+        if config.ic_lora.mode == "masked" or config.cache:
             from diffusers import UNet2DConditionModel
 
             from diffplat.models.loading import source_kwargs
-            from diffplat.train.objectives import INPAINT_CHANNELS, needs_inpainting_unet
+            from diffplat.train.objectives import INPAINT_CHANNELS, cache_needs_plain_unet, needs_inpainting_unet
 
             unet = UNet2DConditionModel.load_config(config.base_model, subfolder="unet",
                                                     local_files_only=source_kwargs(config.base_model)["local_files_only"])  # fmt: skip
-            if unet["in_channels"] != INPAINT_CHANNELS:
+            if config.ic_lora.mode == "masked" and unet["in_channels"] != INPAINT_CHANNELS:
                 raise ConfigError(needs_inpainting_unet(config.base_model, unet["in_channels"]))
+            if config.cache and unet["in_channels"] == INPAINT_CHANNELS:
+                raise ConfigError(cache_needs_plain_unet(config.base_model))
     if config.num_train_epochs:
         per_step = config.train_batch_size * config.scaling.num_workers * config.gradient_accumulation_steps
         steps = max(1, rows // per_step) * config.num_train_epochs
@@ -121,8 +129,13 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     # Each run gets its own folder: Ray Train would otherwise hand a rerun the previous run's
     # checkpoint. Going on from one is asked for explicitly, with resume_from_checkpoint.
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip, config.seed,
-                               conditioning=config.kind == "controlnet")  # fmt: skip
+    if config.cache:  # latents and embeddings as the cache stage wrote them: nothing to decode
+        from diffplat.data.cache import cached_dataset
+
+        dataset = cached_dataset(config.cache, conditioning=config.kind == "controlnet")
+    else:
+        dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip,
+                                   config.seed, conditioning=config.kind == "controlnet")  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
