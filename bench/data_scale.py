@@ -1,13 +1,14 @@
 """Data at scale, in one run:
 
+0. prepare: BDD images (1280x720 JPEG, half with masks) -> shards, as parallel Ray Data tasks on
+   2 CPUs against the same shard code run in one process (target: at least 1.6x);
 1. the training feed: diffplat's Ray Data pipeline (read shards, decode, resize, crop) against a
    `torch.utils.data.DataLoader` with 2 workers doing the same decode and crop per row (target:
    at least 1.0x);
 2. peak memory of caption generation over a BDD label file of 100,000 frames, streamed (diffplat)
    against `json.load` of the whole file (how source 4's scripts and diffplat before read it),
    each in a fresh process; peak = its maximum resident set (target: under 1 GiB).
-Still to come with issue 10: prepare on Ray Data against one process, and training from cached
-latents against encoding on the fly.
+Training from cached latents against encoding on the fly: bench/cached_latents.py.
     python bench/data_scale.py [--frames 100000] [--images 384]
 """
 
@@ -124,11 +125,45 @@ def feed(images: int, batch: int = 4, rounds: int = 3) -> tuple[float, float]:
     return statistics.median(theirs), statistics.median(ours)
 
 
+def prepare_speed(images: int, rounds: int = 3) -> tuple[float, float]:
+    """(one process rows/s, Ray Data rows/s), medians over rounds, same images and settings."""
+    import shutil
+    import statistics
+
+    import ray
+
+    from diffplat.config import PrepareConfig
+    from diffplat.data.prepare import prepare_bdd
+    from diffplat.data.synthetic_bdd import write_synthetic_bdd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_synthetic_bdd(tmp / "bdd", num_images=images, size=(1280, 720))
+
+        def run() -> float:
+            shutil.rmtree(tmp / "data", ignore_errors=True)  # nothing to reuse: every shard built
+            start = time.perf_counter()
+            report = prepare_bdd(PrepareConfig(bdd=paths, output=str(tmp / "data"), rows_per_shard=16), Path)
+            return report["rows_written"] / (time.perf_counter() - start)
+
+        alone = [run() for _ in range(rounds)]  # no Ray running: the shard tasks run in this process
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        run()  # warm-up: Ray starts its worker processes once
+        parallel = [run() for _ in range(rounds)]
+        ray.shutdown()
+    return statistics.median(alone), statistics.median(parallel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=384)
     args = parser.parse_args()
+    alone, parallel = prepare_speed(args.images)
+    print(f"prepare: {args.images} BDD images 1280x720 (labels, masks) -> shards of 16, 2 CPUs, medians of 3")
+    print(f"  one process  {alone:7.1f} rows/s   diffplat Ray Data  {parallel:7.1f} rows/s   "
+          f"ratio {parallel / alone:.2f}x (target >= 1.6x)")
     theirs, ours = feed(args.images)
     print(f"training feed: {args.images} rows of 1280x720 JPEG -> 512x288 arrays, 2 CPUs, medians of 3")
     print(f"  DataLoader, 2 workers  {theirs:7.1f} rows/s   diffplat Ray Data  {ours:7.1f} rows/s   "
