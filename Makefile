@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/cached_latents.py
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/data_decode.py
 	$(BIN)/python bench/generate_scale.py
