@@ -82,10 +82,11 @@ def test_cache_stage_writes_what_training_would_encode(cached, tiny_sdxl):
     assert len({tuple(r["crop_top_left"]) for r in rows.values()}) > 1  # random crops, kept per row
     parts = load_encoders(str(tiny_sdxl))
     caption = max(rows.values(), key=lambda r: r["windows"])
+    tokenizers, encoders = (parts["tokenizer"], parts["tokenizer_2"]), (parts["text_encoder"], parts["text_encoder_2"])
     with torch.no_grad():
-        embeds, pooled = encode_prompts((parts["tokenizer"], parts["tokenizer_2"]),
-                                        (parts["text_encoder"], parts["text_encoder_2"]), [caption["caption"]], "cpu", 150)  # fmt: skip
-    torch.testing.assert_close(_tensor(caption["prompt_embeds"], (154, info["embed_dim"])), embeds[0], rtol=1e-5, atol=1e-6)
+        embeds, pooled = encode_prompts(tokenizers, encoders, [caption["caption"]], "cpu", 150)
+    stored = _tensor(caption["prompt_embeds"], (154, info["embed_dim"]))  # two windows of 77 tokens
+    torch.testing.assert_close(stored, embeds[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_tensor(caption["pooled_prompt_embeds"], (32,)), pooled[0], rtol=1e-5, atol=1e-6)
 
     import mlflow
@@ -198,7 +199,8 @@ def test_what_cannot_train_from_a_cache_is_refused_by_name(tmp_path, tiny_sdxl_i
     with pytest.raises(ConfigError, match="holds no conditioning pixels; controlnet needs a cache made with "
                                           "cache.conditioning: true"):  # fmt: skip
         check_training_data(TrainConfig(**{**base, "cache": _fake_cache(tmp_path / "plain")}, kind="controlnet"))
-    inpaint = {**base, "base_model": str(tiny_sdxl_inpaint), "cache": _fake_cache(tmp_path / "ic", "2x2", base_model=str(tiny_sdxl_inpaint))}
+    model = str(tiny_sdxl_inpaint)
+    inpaint = {**base, "base_model": model, "cache": _fake_cache(tmp_path / "ic", "2x2", base_model=model)}
     with pytest.raises(ConfigError, match="train.cache: .* has an inpainting UNet"):
         check_training_data(TrainConfig(**inpaint, kind="ic_lora", ic_lora={"mode": "composite"}))
 

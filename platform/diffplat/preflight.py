@@ -109,7 +109,8 @@ class Preflight:
 def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
     """Whether a path lies in what the job's own stages write (prepare's output folder, the cache,
     train's adapter, generate's images), so later stages may name it before it exists."""
-    outputs = [resolve(stage.output) for stage in (config.prepare, config.cache, config.train, config.generate) if stage]
+    stages = (config.prepare, config.cache, config.train, config.generate)
+    outputs = [resolve(stage.output) for stage in stages if stage]
 
     outputs = [out.resolve() for out in outputs]
 

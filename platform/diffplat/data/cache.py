@@ -360,8 +360,8 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
                          writer.rows / (time.perf_counter() - start))  # fmt: skip
         writer.close()
         if not writer.rows:
-            raise ValueError(f"cache: no row of {c.data} could be encoded" +
-                             (" (cache.conditioning: no row has a conditioning image)" if c.conditioning else ""))  # fmt: skip
+            why = " (cache.conditioning: no row has a conditioning image)" if c.conditioning else ""
+            raise ValueError(f"cache: no row of {c.data} could be encoded{why}")
         facts, empty = ray.get(described)
         info = write_cache_meta(tmp, c, facts, empty, writer.rows)
     elapsed = time.perf_counter() - start
