@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -105,19 +106,34 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     from diffplat.data.shards import shard_files
 
     files = [str(p) for p in shard_files(shards)] if "://" not in shards else shards
-    context = ray.data.DataContext.get_current()
-    before = context.use_datasource_v2
     # The v2 Parquet reader packs small files into one read task, and the decode after it then
     # runs as one task on one CPU; the v1 reader makes a task per file (0.43 -> 0.94 of a bare loop
-    # in bench/data_decode.py). The dataset keeps the context it was created with.
-    context.use_datasource_v2 = False
-    try:
+    # in bench/data_decode.py). Without reservations, decode tasks start on every free CPU at once.
+    with dataset_settings(use_datasource_v2=False, op_resource_reservation_enabled=False):
         columns = ["id", "image", "caption", "layout"] + (["conditioning"] if conditioning else [])
-        ds = ray.data.read_parquet(files, columns=columns)
+        ds = ray.data.read_parquet(files, columns=columns, **({"override_num_blocks": len(files)} if isinstance(files, list) else {}))
+        # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
+        # machine the reader then waits forever for the CPU the training workers left over.
+        return ds.map_batches(ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids),
+                              batch_size=16, batch_format="numpy")  # fmt: skip
+
+
+@contextmanager
+def dataset_settings(**values):
+    """Ray Data context settings for the datasets made inside (a dataset keeps the context it
+    was created with); the process's own settings come back after.
+
+    `op_resource_reservation_enabled=False`: with reservations on, Ray Data holds CPUs back for
+    operators a one-map job does not have and starts one task at a time at first (on 2 CPUs, one
+    stays idle for the first seconds)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = {name: getattr(context, name) for name in values}
+    for name, value in values.items():
+        setattr(context, name, value)
+    try:
+        yield
     finally:
-        context.use_datasource_v2 = before
-    # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
-    # machine the reader then waits forever for the CPU the training workers left over.
-    return ds.map_batches(
-        ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids), batch_size=16, batch_format="numpy"
-    )
+        for name, value in before.items():
+            setattr(context, name, value)

@@ -162,17 +162,11 @@ def _run(todo: list[dict], task: Callable, use_ray: bool):
         return
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    before = context.op_resource_reservation_enabled
-    # With reservations on, Ray Data holds half the CPUs back for operators this job does not
-    # have and starts one shard task at a time at first (0.45 s idle per CPU here). The dataset
-    # keeps the context it was created with.
-    context.op_resource_reservation_enabled = False
-    try:
+    from diffplat.data.pipeline import dataset_settings
+
+    with dataset_settings(op_resource_reservation_enabled=False):  # every shard task starts at once
         ds = ray.data.from_items([{"plan": json.dumps(p)} for p in todo], override_num_blocks=len(todo))
         ds = ds.map(_build_shard_row, fn_kwargs=task.keywords, num_cpus=1)
-    finally:
-        context.op_resource_reservation_enabled = before
     for row in ds.iter_rows():
         yield json.loads(row["result"])
 
