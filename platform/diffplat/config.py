@@ -233,6 +233,16 @@ class ControlNetSettings(_Strict):
                              "None: a new one from the base UNet")  # fmt: skip
 
 
+class BucketSettings(_Strict):
+    """Aspect-ratio buckets (kohya's enable_bucket): each row trains at the bucket nearest its
+    shape, each batch holds one bucket. `resolutions` lists them; empty: derived from the data,
+    sizes of about train.resolution's pixel area in steps of `step`, the max_buckets most used."""
+
+    resolutions: list[ModelResolution] = Field(default_factory=list)
+    max_buckets: int = Field(8, gt=0)
+    step: int = Field(64, gt=0, multiple_of=8)
+
+
 class TrainConfig(_Strict):
     kind: Literal["lora", "ic_lora", "controlnet"] = "lora"
     base_model: str = Field(description="hub id or local folder of an SDXL pipeline")
@@ -244,6 +254,8 @@ class TrainConfig(_Strict):
                               "for validation images only)")  # fmt: skip
     output: str = "adapters/lora"
     resolution: ModelResolution = (1024, 1024)
+    buckets: BucketSettings | None = Field(None, description="train at the data's own aspect ratios instead of one "
+                                           "resolution (see BucketSettings)")  # fmt: skip
     center_crop: bool = True
     random_flip: bool = False
     lora: LoraSettings = LoraSettings()
@@ -305,6 +317,10 @@ class TrainConfig(_Strict):
         if self.cache and self.train_text_encoder:
             raise ValueError("cache: train_text_encoder trains the text encoders, so the embeddings cannot come "
                              "from a cache; drop one of the two")  # fmt: skip
+        if self.buckets and self.cache:
+            raise ValueError("buckets: a cache holds latents of one resolution; train from the shards to use buckets")
+        if self.buckets and self.kind == "ic_lora":
+            raise ValueError("buckets: a composite's layout fixes its shape; ic_lora trains at train.resolution")
         if self.cache and self.kind == "ic_lora" and self.ic_lora.mode == "masked":
             raise ValueError("cache: ic_lora mode masked encodes each step's partly hidden composite, which needs "
                              "the pixels; use mode composite, or train masked without a cache")  # fmt: skip

@@ -27,30 +27,35 @@ class ToTrainingArrays:
     """
 
     def __init__(self, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
-                 conditioning: bool = False, ids: bool = False):  # fmt: skip
+                 conditioning: bool = False, ids: bool = False, buckets: list[tuple[int, int]] | None = None):  # fmt: skip
         self.width, self.height = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.conditioning = conditioning
         self.ids = ids
         self.seed = seed
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
 
     def _geometry(self, row_id: str, width: int, height: int, layout: str | None):
         """(resized size, crop box, flip) for one row. The random crop and flip are drawn from
         the seed and the row's id alone, so a row gets the same ones however Ray Data blocks and
-        schedules the rows: a resumed run sees exactly the batches the stopped one would have."""
+        schedules the rows: a resumed run sees exactly the batches the stopped one would have.
+        With buckets, the row is cropped to its bucket instead of the one resolution."""
+        from diffplat.data.buckets import nearest_bucket
+
+        target_w, target_h = nearest_bucket(width, height, self.buckets) if self.buckets else (self.width, self.height)
         if layout:
-            return (self.width, self.height), (0, 0, self.width, self.height), False
-        scale = max(self.width / width, self.height / height)
-        size = (max(self.width, round(width * scale)), max(self.height, round(height * scale)))
-        spare_x, spare_y = size[0] - self.width, size[1] - self.height
+            return (target_w, target_h), (0, 0, target_w, target_h), False
+        scale = max(target_w / width, target_h / height)
+        size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+        spare_x, spare_y = size[0] - target_w, size[1] - target_h
         rng = np.random.default_rng([self.seed, zlib.crc32(str(row_id).encode())])
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
         flip = bool(self.random_flip and rng.random() < 0.5)
-        return size, (left, top, left + self.width, top + self.height), flip
+        return size, (left, top, left + target_w, top + target_h), flip
 
     @staticmethod
     def _apply(data: bytes, size, box, flip: bool, resample) -> np.ndarray:
@@ -68,7 +73,29 @@ class ToTrainingArrays:
         left = size[0] - box[2] if flip else box[0]  # SDXL's crop coordinate, as seen after the flip
         return pixels, original, (box[1], left), cond
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict):
+        if not self.buckets:
+            return self._arrays(batch)
+        return self._per_bucket(batch)
+
+    def _per_bucket(self, batch: dict):
+        """One output batch per bucket the rows fall into (each stacks: one size)."""
+        from diffplat.data.buckets import nearest_bucket
+
+        groups: dict[tuple, list[int]] = {}
+        for i, data in enumerate(batch["image"]):
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    key = nearest_bucket(img.width, img.height, self.buckets)
+            except Exception:  # undecodable: _arrays names and drops it
+                key = self.buckets[0]
+            groups.setdefault(key, []).append(i)
+        for (width, height), rows in groups.items():
+            arrays = self._arrays({k: [v[i] for i in rows] for k, v in batch.items()}, (width, height))
+            if len(arrays["caption"]):
+                yield arrays
+
+    def _arrays(self, batch: dict, size: tuple[int, int] | None = None) -> dict:
         out = {k: [] for k in ("pixel_values", "original_size", "crop_top_left", "caption", "layout",
                                "conditioning_pixel_values", "id")}  # fmt: skip
         conditionings = batch["conditioning"] if self.conditioning else [None] * len(batch["id"])
@@ -83,7 +110,8 @@ class ToTrainingArrays:
                 continue
             for key, value in zip(out, (p, o, c, caption, layout or "", k, row_id)):
                 out[key].append(value)
-        empty = np.zeros((0, 3, self.height, self.width), np.float32)
+        width, height = size or (self.width, self.height)
+        empty = np.zeros((0, 3, height, width), np.float32)
         arrays = {
             "pixel_values": np.stack(out["pixel_values"]).astype(np.float32) if out["caption"] else empty,
             "original_size": np.array(out["original_size"], dtype=np.int64).reshape(-1, 2),
@@ -100,7 +128,7 @@ class ToTrainingArrays:
 
 
 def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
-                     conditioning: bool = False, ids: bool = False):  # fmt: skip
+                     conditioning: bool = False, ids: bool = False, buckets: list | None = None):  # fmt: skip
     import ray.data
 
     from diffplat.data.shards import shard_files
@@ -114,7 +142,7 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
         ds = ray.data.read_parquet(files, columns=columns, **({"override_num_blocks": len(files)} if isinstance(files, list) else {}))
         # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
         # machine the reader then waits forever for the CPU the training workers left over.
-        return ds.map_batches(ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids),
+        return ds.map_batches(ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids, buckets),
                               batch_size=16, batch_format="numpy")  # fmt: skip
 
 

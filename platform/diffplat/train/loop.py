@@ -242,9 +242,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         skip, batch_in_epoch = batch_in_epoch, 0
         if skip and rank == 0:
             log.info("train: skipping the %d batches of epoch %d trained before the resume", skip, epoch)
-        batches = shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=config.shuffle_buffer or None,
-                                     local_shuffle_seed=(config.seed + 7919 * rank + 104729 * epoch) % 2**32)  # fmt: skip
+        order_seed = (config.seed + 7919 * rank + 104729 * epoch) % 2**32
+        if config.buckets:  # rows of several sizes: batched per bucket here, not by Ray Data
+            from diffplat.data.buckets import bucket_batches
+
+            batches = bucket_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
+                                     config.train_batch_size, order_seed,
+                                     config.shuffle_buffer // len(config.buckets.resolutions))  # fmt: skip
+        else:
+            batches = shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True,
+                                         local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                         local_shuffle_seed=order_seed)  # fmt: skip
         for batch in _timed(batches, waited):
             batch_in_epoch += 1
             if batch_in_epoch <= skip:

@@ -113,7 +113,9 @@ class DiffusionObjective:
         if self.cache and self.cache.info["conditioning"] and "conditioning" in batch:
             batch = {**batch, "conditioning_pixel_values": self.cache.conditioning(batch)}
         latents, prompt_embeds, pooled, original, crop, pixels = self.encoded(batch, generator)
-        ids = time_ids(original, crop, self.config.resolution).to(self.device)
+        # the size trained at: the batch's own with buckets (a cache holds train.resolution)
+        target = self.config.resolution if pixels is None else (pixels.shape[3], pixels.shape[2])
+        ids = time_ids(original, crop, target).to(self.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.config.noise_offset:
             noise += self.config.noise_offset * torch.randn(

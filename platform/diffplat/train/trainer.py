@@ -106,6 +106,38 @@ def resume_checkpoint(config: TrainConfig, name: str) -> str | None:
     return str(folder)
 
 
+def resolve_buckets(config: TrainConfig) -> TrainConfig:
+    """With buckets and no list of them: the buckets derived from the shards' image sizes. The
+    buckets and their row counts are logged: a bucket with fewer rows than a batch never trains."""
+    from collections import Counter
+
+    from diffplat.data.buckets import derive_buckets, nearest_bucket
+
+    b = config.buckets
+    if b is None:
+        return config
+    if b.resolutions and "://" in config.data:
+        return config
+    if "://" in config.data:
+        raise ConfigError("train.buckets: shards on remote storage cannot be measured here; list buckets.resolutions")
+    import pyarrow.parquet as pq
+
+    from diffplat.data.shards import shard_files
+
+    sizes = [(w, h) for path in shard_files(config.data)
+             for w, h in zip(*pq.read_table(path, columns=["width", "height"]).to_pydict().values())]  # fmt: skip
+    if b.resolutions:
+        buckets, counts = [tuple(r) for r in b.resolutions], Counter(nearest_bucket(w, h, b.resolutions) for w, h in sizes)
+    else:
+        buckets, counts = derive_buckets(sizes, config.resolution[0] * config.resolution[1], b.step, b.max_buckets)
+    log.info("train: aspect-ratio buckets %s", ", ".join(f"{w}x{h} ({counts[(w, h)]} rows)" for w, h in buckets))
+    small = [f"{w}x{h}" for w, h in buckets if counts[(w, h)] < config.train_batch_size]
+    if small:
+        log.warning("train: buckets %s have fewer rows than a batch (%d) and never train", ", ".join(small),
+                    config.train_batch_size)  # fmt: skip
+    return config.model_copy(update={"buckets": b.model_copy(update={"resolutions": [list(x) for x in buckets]})})
+
+
 def _ordered_ingest():
     import ray.train
 
@@ -134,8 +166,10 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
 
         dataset = cached_dataset(config.cache, conditioning=config.kind == "controlnet")
     else:
+        config = resolve_buckets(config)
         dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip,
-                                   config.seed, conditioning=config.kind == "controlnet")  # fmt: skip
+                                   config.seed, conditioning=config.kind == "controlnet",
+                                   buckets=config.buckets.resolutions if config.buckets else None)  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
