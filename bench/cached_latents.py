@@ -49,7 +49,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=128)
     args = parser.parse_args()
+    fly, cache, device, steps = step_times(args.steps, args.rounds, args.batch, args.resolution)
+    print(f"device {device}, tiny SDXL LoRA, batch {args.batch} at {args.resolution}x{args.resolution}, {steps} steps each")
+    print(f"encoding on the fly (VAE + 2 text encoders)  median {fly * 1000:8.1f} ms")
+    print(f"from the cache (UNet only)                   median {cache * 1000:8.1f} ms")
+    print(f"ratio cached / on the fly: {cache / fly:.2f}")
 
+
+def step_times(steps: int = 10, rounds: int = 3, batch_size: int = 2, resolution: int = 128):
+    """(median s/step on the fly, median s/step from the cache, device, steps measured each)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(steps=steps, rounds=rounds, batch=batch_size, resolution=resolution)
     from diffplat.config import CacheConfig, TrainConfig
     from diffplat.data.cache import Encoder, rows_table, write_cache_meta
     from diffplat.models.tiny import write_tiny_model
@@ -93,11 +104,7 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
             fly_times += timed_steps(on_the_fly, args.steps)
             cache_times += timed_steps(from_cache, args.steps)
-    fly, cache = statistics.median(fly_times), statistics.median(cache_times)
-    print(f"device {device}, tiny SDXL LoRA, batch {args.batch} at {size[0]}x{size[1]}, {len(fly_times)} steps each")
-    print(f"encoding on the fly (VAE + 2 text encoders)  median {fly * 1000:8.1f} ms")
-    print(f"from the cache (UNet only)                   median {cache * 1000:8.1f} ms")
-    print(f"ratio cached / on the fly: {cache / fly:.2f}")
+    return statistics.median(fly_times), statistics.median(cache_times), device, len(fly_times)
 
 
 if __name__ == "__main__":

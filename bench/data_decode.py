@@ -42,7 +42,7 @@ def main() -> None:
             transform, rows = ToTrainingArrays(resolution, True, False, 0), 0
             for path in shard_files(shards):
                 table = pq.read_table(path, columns=["id", "image", "caption", "layout"])
-                rows += len(transform(table.to_pydict())["caption"])
+                rows += len(transform.arrays(table.to_pydict())["caption"])
             return rows
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")

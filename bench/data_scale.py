@@ -8,7 +8,8 @@
 2. peak memory of caption generation over a BDD label file of 100,000 frames, streamed (diffplat)
    against `json.load` of the whole file (how source 4's scripts and diffplat before read it),
    each in a fresh process; peak = its maximum resident set (target: under 1 GiB).
-Training from cached latents against encoding on the fly: bench/cached_latents.py.
+3. a training step from cached latents and embeddings against encoding on the fly
+   (bench/cached_latents.py: tiny SDXL LoRA, 128x128, batch 2).
     python bench/data_scale.py [--frames 100000] [--images 384]
 """
 
@@ -86,7 +87,7 @@ class ShardRows:
         if path not in self.tables:  # each worker reads a shard once
             self.tables[path] = pq.read_table(path, columns=["id", "image", "caption", "layout"])
         row = self.tables[path].slice(i, 1).to_pydict()
-        out = self.transform(row)
+        out = self.transform.arrays(row)
         return {"pixel_values": out["pixel_values"][0], "caption": out["caption"][0]}
 
 
@@ -180,6 +181,13 @@ def main() -> None:
     print(f"caption generation  json.load whole file  peak {base[0]:7.0f} MiB  {base[1]:6.1f} s")
     print(f"caption generation  diffplat, streamed     peak {ours[0]:7.0f} MiB  {ours[1]:6.1f} s   (target < 1024 MiB)")
     print(f"memory ratio streamed / whole: {ours[0] / base[0]:.2f}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cached_latents import step_times
+
+    fly, cached, device, steps = step_times()
+    print(f"training step, tiny SDXL LoRA 128x128 batch 2, {device}, median of {steps}")
+    print(f"  encoding on the fly {fly * 1000:7.1f} ms   from the cache {cached * 1000:7.1f} ms   "
+          f"ratio {cached / fly:.2f} (below 1: the encoders' share saved)")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def bare_loop(shards: Path, spec: dict, threads: int) -> list[float]:
     times, rows = [], batches()
     for _ in range(config.max_train_steps):
         start = time.perf_counter()
-        batch = transform(next(rows))
+        batch = transform.arrays(next(rows))
         loss = objective.loss(objective.module, batch, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -69,7 +69,7 @@ def test_cache_stage_writes_what_training_would_encode(cached, tiny_sdxl):
 
     # The same rows through ToTrainingArrays and the VAE, as training on the fly sees them.
     shards = pa.concat_tables(pq.read_table(p) for p in sorted((work / "data" / "shards").glob("*.parquet")))
-    arrays = ToTrainingArrays((64, 64), False, True, 3, ids=True)(shards.to_pydict())
+    arrays = ToTrainingArrays((64, 64), False, True, 3, ids=True).arrays(shards.to_pydict())
     vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").eval()
     with torch.no_grad():
         mean = vae.encode(torch.from_numpy(arrays["pixel_values"])).latent_dist.mean

@@ -69,14 +69,15 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
             total += secs
     lines.append(f"  {'total':<19} {total:7.1f} s")
     lora, ic, cn = results["lora"].outputs, results["ic_lora"].outputs, results["controlnet"].outputs
-    prep, train, gen, filt = (lora.get(k, {}) for k in ("prepare", "train", "generate", "filter"))
+    prep, cache, train, gen, filt = (lora.get(k, {}) for k in ("prepare", "cache", "train", "generate", "filter"))
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
     lines += [
         "",
         f"  base models  {out / 'base-model'}, {out / 'base-model-inpaint'}",
         f"  data         {out / 'data'}  ({prep.get('rows_written')} rows, skipped {prep.get('skipped')})",
-        f"  lora         {out / 'adapters/lora'}  (final loss {train.get('final_loss', float('nan')):.4f})",
+        f"  cache        {out / 'cache'}  ({cache.get('rows')} rows of latents + text embeddings)",
+        f"  lora         {out / 'adapters/lora'}  (trained from the cache; final loss {train.get('final_loss', float('nan')):.4f})",
         f"  generations  {out / 'generations'}  ({gen.get('images')} images, contact_sheet.png, labels/, annotated/)",
         f"  filter       kept {filt.get('kept')} of {filt.get('images')}: {out / 'generations/gallery/index.html'}",
         f"  composites   {out / 'data-ic/composites'}  ({ic_prep.get('rows_written')} of layout {ic_prep.get('layout')})",

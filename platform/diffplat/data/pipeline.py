@@ -73,10 +73,16 @@ class ToTrainingArrays:
         left = size[0] - box[2] if flip else box[0]  # SDXL's crop coordinate, as seen after the flip
         return pixels, original, (box[1], left), cond
 
+    chunk_rows = 16  # rows per output batch: a shard's worth of float arrays would be gigabytes
+
     def __call__(self, batch: dict):
-        if not self.buckets:
-            return self._arrays(batch)
-        return self._per_bucket(batch)
+        """Output batches of at most chunk_rows rows (of one bucket each, with buckets)."""
+        for start in range(0, len(batch["id"]), self.chunk_rows):
+            chunk = {k: v[start : start + self.chunk_rows] for k, v in batch.items()}
+            if self.buckets:
+                yield from self._per_bucket(chunk)
+            else:
+                yield self.arrays(chunk)
 
     def _per_bucket(self, batch: dict):
         """One output batch per bucket the rows fall into (each stacks: one size)."""
@@ -87,15 +93,15 @@ class ToTrainingArrays:
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     key = nearest_bucket(img.width, img.height, self.buckets)
-            except Exception:  # undecodable: _arrays names and drops it
+            except Exception:  # undecodable: arrays() names and drops it
                 key = self.buckets[0]
             groups.setdefault(key, []).append(i)
         for (width, height), rows in groups.items():
-            arrays = self._arrays({k: [v[i] for i in rows] for k, v in batch.items()}, (width, height))
+            arrays = self.arrays({k: [v[i] for i in rows] for k, v in batch.items()}, (width, height))
             if len(arrays["caption"]):
                 yield arrays
 
-    def _arrays(self, batch: dict, size: tuple[int, int] | None = None) -> dict:
+    def arrays(self, batch: dict, size: tuple[int, int] | None = None) -> dict:
         out = {k: [] for k in ("pixel_values", "original_size", "crop_top_left", "caption", "layout",
                                "conditioning_pixel_values", "id")}  # fmt: skip
         conditionings = batch["conditioning"] if self.conditioning else [None] * len(batch["id"])
@@ -142,8 +148,10 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
         ds = ray.data.read_parquet(files, columns=columns, **({"override_num_blocks": len(files)} if isinstance(files, list) else {}))
         # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
         # machine the reader then waits forever for the CPU the training workers left over.
+        # batch_size None: the decode fuses into the read task (one task per shard file, no
+        # second trip through the object store); the transform yields batches of chunk_rows.
         return ds.map_batches(ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids, buckets),
-                              batch_size=16, batch_format="numpy")  # fmt: skip
+                              batch_size=None, batch_format="numpy")  # fmt: skip
 
 
 @contextmanager
