@@ -9,7 +9,7 @@ import pytest
 
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
-from diffplat.data.prepare import NothingUsable, prepare_bdd
+from diffplat.data.prepare import NothingUsable, prepare, prepare_bdd
 
 
 def test_2018_and_det20_names_map_to_one_class_set():
@@ -136,6 +136,10 @@ def test_prepare_writes_what_source_4_wrote_and_a_yolo_dataset(bdd_dir, tmp_path
     source = PairsSource(csv=str(data / "bdd_hf_dataset_controlnet_train.csv"))
     rows = [pair_row(item, source, "") for item in pair_items(source, Path, Skips())]
     assert len(rows) == report["with_conditioning"]
+    # and the LoRA CSV index, which the folder source reads back
+    again = prepare(PrepareConfig(source="folder", folder={"csv": str(data / "bdd_hf_dataset_lora_train.csv")},
+                                  output=str(data.parent / "again")), Path)  # fmt: skip
+    assert again["rows_written"] == report["rows_written"] and again["source"] == "folder:csv"
 
 
 def test_prepare_fails_when_nothing_is_usable(bdd_dir, tmp_path):

@@ -120,3 +120,17 @@ def test_shards_of_another_run_are_checked_deduplicated_and_resharded(tmp_path):
     # shards are planned by input rows (at most rows_per_shard rows each): 5 rows -> 3 shards
     assert [r["id"] for r in _rows(tmp_path)] == ["a", "b", "c"] and len(report["shards"]) == 3
     assert report["skipped"] == {"duplicate image": 1, "corrupt image": 1}
+
+
+def test_source_4_lora_csv_with_bad_lines_named(tmp_path):
+    folder = tmp_path / "pics"
+    _images(folder, ["a.png", "b.png"])
+    index = tmp_path / "bdd_hf_dataset_lora_train.csv"
+    index.write_text("image,text\npics/a.png,a car at night\npics/b.png,\npics/gone.png,nothing\n"
+                     f"{folder / 'b.png'},an absolute path\n")  # fmt: skip
+    report = _prepare(tmp_path, csv=str(index))
+    assert sorted((r["id"], r["caption"]) for r in _rows(tmp_path)) == [("a", "a car at night"), ("b", "an absolute path")]
+    assert report["skipped"] == {"missing caption": 1, "no image": 1}
+    assert "bdd_hf_dataset_lora_train.csv line 4: no image (gone.png)" in report["skipped_items"]
+    with pytest.raises(ValueError, match="give one of images"):
+        PrepareConfig(source="folder", folder={"images": str(folder), "csv": str(index)})

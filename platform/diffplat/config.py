@@ -139,9 +139,19 @@ class FolderSource(_Strict):
     """Images with captions (sources 1, 3 and 5; diffusers' image folders): a same-named `.txt`
     per image, or, when the folder has one, `metadata.jsonl` (`file_name` + a caption field)."""
 
-    images: str = Field(description="folder of images")
+    images: str | None = Field(None, description="folder of images")
     captions: str | None = Field(None, description="folder of <image stem>.txt; default: beside the images")
-    caption_column: str = Field("text", description="metadata.jsonl's caption field (diffusers' --caption_column)")
+    caption_column: str = Field("text", description="metadata.jsonl's or the CSV's caption field (diffusers' "
+                                "--caption_column)")  # fmt: skip
+    csv: str | None = Field(None, description="source 4's bdd_hf_dataset_lora_train.csv (image path, caption), "
+                            "instead of a folder; relative image paths are read from the CSV's folder")  # fmt: skip
+    image_column: str = "image"
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "FolderSource":
+        if (self.images is None) == (self.csv is None):
+            raise ValueError("give one of images (a folder) and csv (source 4's LoRA index)")
+        return self
 
 
 class ShardsSource(_Strict):

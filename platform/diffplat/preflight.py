@@ -150,6 +150,7 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
         if p.source == "folder" and p.folder:
             check.folder("prepare.folder.images", p.folder.images)
             check.folder("prepare.folder.captions", p.folder.captions)
+            check.file("prepare.folder.csv", p.folder.csv)
     c = config.cache
     if c is not None:
         check.model("cache.base_model", c.base_model, "model_index.json", "pipeline")

@@ -1,12 +1,14 @@
 """The `folder` prepare source: images with captions, for text-to-image LoRA.
 
-Two layouts, as users bring them: a caption per image in a same-named `.txt` (sources 1, 3 and
-5; kohya), or the `metadata.jsonl` of diffusers' image folders, one JSON object per line with
-`file_name` and a caption field (source 2's `--train_data_dir`, `--caption_column`).
+Three layouts, as users bring them: a caption per image in a same-named `.txt` (sources 1, 3
+and 5; kohya), the `metadata.jsonl` of diffusers' image folders, one JSON object per line with
+`file_name` and a caption field (source 2's `--train_data_dir`, `--caption_column`), or source
+4's LoRA CSV index (`image`, `text`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,9 +53,38 @@ def _from_text_files(folder: Path, captions: Path | None, skips: Skips) -> Itera
         yield image, (captions / f"{image.stem}.txt" if captions else image.with_suffix(".txt"))
 
 
+def csv_rows(index: Path, columns: tuple[str, ...], field: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) for every line of a CSV index (source 4's), its columns checked first."""
+    if not index.is_file():
+        raise FileNotFoundError(f"{field}: {index} is not a file")
+    with open(index, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        missing = [name for name in columns if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{field}: {index.name} has no column {missing[0]!r} "
+                             f"(columns: {', '.join(reader.fieldnames or [])})")  # fmt: skip
+        for n, row in enumerate(reader, 2):
+            yield f"{index.name} line {n}", row
+
+
+def _from_csv(index: Path, c: FolderSource, skips: Skips) -> Iterator[tuple[Path, str]]:
+    for where, row in csv_rows(index, (c.image_column, c.caption_column), "prepare.folder.csv"):
+        path = Path(row[c.image_column] or "")
+        path = path if path.is_absolute() else index.parent / path
+        caption = (row[c.caption_column] or "").strip()
+        if not caption:
+            skips.add("missing caption", where)
+        elif not path.is_file():
+            skips.add(f"no image ({path.name})", where)
+        else:
+            yield path, caption
+
+
 def folder_items(c: FolderSource, resolve: Callable, skips: Skips) -> list[dict]:
     """One work item per image: its path, and its caption or the file that holds it. Two images
     with one base name (a.jpg, a.png) would be one row id: the second is named and skipped."""
+    if c.csv:
+        return _items(((p, {"caption": t}) for p, t in _from_csv(resolve(c.csv), c, skips)), skips)
     folder = resolve(c.images)
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare.folder.images: {folder} is not a folder")
@@ -64,6 +95,10 @@ def folder_items(c: FolderSource, resolve: Callable, skips: Skips) -> list[dict]
         found = ((path, {"caption": caption}) for path, caption in _from_metadata(folder, c.caption_column, skips))
     else:
         found = ((path, {"caption_file": str(text)}) for path, text in _from_text_files(folder, captions, skips))
+    return _items(found, skips)
+
+
+def _items(found, skips: Skips) -> list[dict]:
     items, seen = [], {}
     for path, caption in found:
         if path.stem in seen:

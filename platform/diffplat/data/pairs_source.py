@@ -9,7 +9,6 @@ as the palette map the ControlNet sees.
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +20,7 @@ from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
+from diffplat.data.folder_source import csv_rows
 from diffplat.data.images import MAX_PIXELS, BadImage, read_image
 from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
@@ -51,28 +51,18 @@ def _folder_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[t
 
 def _csv_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[tuple[Path, Path, str]]:
     index = resolve(c.csv)
-    if not index.is_file():
-        raise FileNotFoundError(f"prepare.pairs.csv: {index} is not a file")
-    with open(index, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        wanted = (c.image_column, c.conditioning_column, c.caption_column)
-        missing = [name for name in wanted if name not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"prepare.pairs.csv: {index.name} has no column {missing[0]!r} "
-                             f"(columns: {', '.join(reader.fieldnames or [])})")  # fmt: skip
-        for n, row in enumerate(reader, 2):
-            where = f"{index.name} line {n}"
-            paths = [Path(row[c.image_column] or ""), Path(row[c.conditioning_column] or "")]
-            paths = [p if p.is_absolute() else index.parent / p for p in paths]
-            caption = (row[c.caption_column] or "").strip()
-            if not caption:
-                skips.add("missing caption", where)
-            elif not paths[0].is_file():
-                skips.add(f"no image ({paths[0].name})", where)
-            elif not paths[1].is_file():
-                skips.add(f"no conditioning image ({paths[1].name})", where)
-            else:
-                yield paths[0], paths[1], caption
+    for where, row in csv_rows(index, (c.image_column, c.conditioning_column, c.caption_column), "prepare.pairs.csv"):
+        paths = [Path(row[c.image_column] or ""), Path(row[c.conditioning_column] or "")]
+        paths = [p if p.is_absolute() else index.parent / p for p in paths]
+        caption = (row[c.caption_column] or "").strip()
+        if not caption:
+            skips.add("missing caption", where)
+        elif not paths[0].is_file():
+            skips.add(f"no image ({paths[0].name})", where)
+        elif not paths[1].is_file():
+            skips.add(f"no conditioning image ({paths[1].name})", where)
+        else:
+            yield paths[0], paths[1], caption
 
 
 def _png(array: np.ndarray) -> bytes:

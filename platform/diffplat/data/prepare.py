@@ -125,14 +125,16 @@ def prepare_pairs(config: PrepareConfig, resolve) -> dict:
 
 
 def prepare_folder(config: PrepareConfig, resolve) -> dict:
-    """Images with captions (.txt files or metadata.jsonl) -> shards + index_lora.jsonl."""
+    """Images with captions (.txt files, metadata.jsonl or source 4's LoRA CSV) -> shards +
+    index_lora.jsonl."""
     out = resolve(config.output)
     skips = Skips()
     items = folder_items(config.folder, resolve, skips)
     found = len(items) + len(skips.items)
     built = _build(config, out, items, partial(folder_row, prefix=config.caption_prefix,
                                                 max_pixels=config.max_image_pixels), skips)  # fmt: skip
-    report = _publish(config, out, built, {"source": "folder"}, skips, found, resolve(config.folder.images))
+    report = _publish(config, out, built, {"source": "folder:csv" if config.folder.csv else "folder"}, skips, found,
+                      resolve(config.folder.csv or config.folder.images))  # fmt: skip
     index = [{"image": items[r["n"]]["image"], "caption": r["caption"]} for r in built.rows()]
     write_text_atomic(out / "index_lora.jsonl", "".join(json.dumps(r) + "\n" for r in index))
     return report
