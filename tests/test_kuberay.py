@@ -1,0 +1,85 @@
+"""The KubeRay manifests make the choices cluster.yaml and serve/diffplat.yaml make: image and
+Ray version, resources and autoscaling per GPU group, token auth, nothing exposed, no secrets."""
+
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _docs(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((REPO / "k8s" / name).read_text()))
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def _cluster_specs():
+    job, (service, policy) = _docs("rayjob-train.yaml")[0], _docs("rayservice.yaml")
+    return {"rayjob": job["spec"]["rayClusterSpec"], "rayservice": service["spec"]["rayClusterConfig"]}
+
+
+@pytest.mark.parametrize("which", ["rayjob", "rayservice"])
+def test_each_cluster_spec_matches_the_launcher_config(which, launcher):
+    spec = _cluster_specs()[which]
+    assert spec["rayVersion"] == ray.__version__  # the Ray the tests ran
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0" and launcher["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
+    for group in spec["workerGroupSpecs"]:
+        node = launcher["available_node_types"][group["groupName"]]
+        container = group["template"]["spec"]["containers"][0]
+        limits = container["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == node["resources"]["GPU"]
+        assert int(limits["cpu"]) == node["resources"]["CPU"]
+        assert group["minReplicas"] == node["min_workers"] and group["maxReplicas"] == node["max_workers"]
+        assert container["image"] == spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def test_the_training_job_runs_a_shipped_job_with_the_dashboard_on_loopback():
+    from diffplat.config import load_config
+
+    job = _docs("rayjob-train.yaml")[0]
+    assert job["kind"] == "RayJob" and job["spec"]["submissionMode"] == "SidecarMode"
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    words = job["spec"]["entrypoint"].split()
+    assert words[:2] == ["diffplat", "run"] and "ray.address=auto" in words
+    load_config(REPO / words[2])  # a job file that exists and parses
+
+
+def test_the_serve_app_is_serve_diffplat_yaml():
+    service, policy = _docs("rayservice.yaml")
+    shipped = yaml.safe_load((REPO / "serve" / "diffplat.yaml").read_text())
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve["applications"] == shipped["applications"]
+    # the head's ports: Ray's own pods and the operator only
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayservice.yaml"])
+def test_nothing_is_exposed_and_no_secret_is_written(name):
+    for doc in _docs(name):
+        assert doc["kind"] not in ("Ingress", "Service")
+        assert all(v == "ClusterIP" for v in _all(doc, "serviceType")) and not list(_all(doc, "type"))
+        assert not list(_all(doc, "hostNetwork")) and not list(_all(doc, "hostPort"))
+        for env in _all(doc, "env"):
+            for var in env:
+                assert "value" not in var or not any(w in var["name"] for w in ("TOKEN", "KEY", "PASSWORD", "SECRET"))
+
+
+def _all(node, key):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _all(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _all(v, key)
