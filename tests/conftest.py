@@ -63,6 +63,7 @@ def local_ray():
     """One embedded Ray for the in-process tests (a job's run reuses it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # "local": this process's own Ray, even while a test's head (test_cluster.py) runs on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()

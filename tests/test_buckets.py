@@ -72,7 +72,8 @@ def test_training_on_two_shapes_with_derived_buckets(tmp_path, tiny_sdxl, local_
         "train": {"base_model": str(tiny_sdxl), "data": "data/shards", "resolution": [48, 48],
                   "buckets": {"step": 16, "max_buckets": 4}, "random_flip": True,
                   "lora": {"rank": 4}, "max_train_steps": 4, "train_batch_size": 2, "learning_rate": 1e-3,
-                  "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 0}},
+                  # 2 workers: their buckets run out at different batches, and the epoch must end for both
+                  "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 0}},
     })  # fmt: skip
     result = run_job(config, tmp_path)
     info = json.loads((tmp_path / "adapters" / "lora" / "adapter_info.json").read_text())

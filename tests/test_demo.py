@@ -64,22 +64,29 @@ def test_demo_records_one_run_per_stage(demo):
     jobs = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert set(jobs) == {"demo", "demo-ic-lora", "demo-controlnet"}
     parent = jobs["demo"].info.run_id
-    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    by_name = {r.data.tags["diffplat.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert {s: r.info.run_name for s, r in by_name.items()} == {s: f"demo/{s}" for s in
+                                                                ("prepare", "cache", "train", "generate", "filter")}  # fmt: skip
     by_name["demo"] = jobs["demo"]
-    assert set(by_name) == {"demo", "prepare", "train", "generate", "filter"}
-    assert all(by_name[s].data.tags["mlflow.parentRunId"] == parent for s in ("prepare", "train", "generate", "filter"))
+    # what the runs table compares jobs by, on the job run and on each stage's
+    for run in (jobs["demo"], by_name["train"]):
+        tags = run.data.tags
+        assert tags["diffplat.job"] == "demo" and tags["diffplat.kind"] == "lora"
+        assert tags["diffplat.base_model"].endswith("base-model") and tags["diffplat.dataset"] == "bdd:bdd/images"
+    assert jobs["demo-controlnet"].data.tags["diffplat.kind"] == "controlnet"
     assert by_name["demo"].data.params["train.lora.rank"] == "8"
     loss = client.get_metric_history(by_name["train"].info.run_id, "loss")
     assert [m.step for m in loss] == [5, 10, 15, 20, 25, 30]
     assert by_name["generate"].data.metrics["images"] == 6
     assert "contact_sheet.png" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
     assert "annotated_sheet.png" in [a.path for a in client.list_artifacts(by_name["filter"].info.run_id)]
-    ic_stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == jobs["demo-ic-lora"].info.run_id}
+    ic_stages = {r.data.tags["diffplat.stage"]: r for r in runs
+                 if r.data.tags.get("mlflow.parentRunId") == jobs["demo-ic-lora"].info.run_id}  # fmt: skip
     assert set(ic_stages) == {"prepare", "train", "generate"}
     validation = [a.path for a in client.list_artifacts(ic_stages["train"].info.run_id, "validation")]
     assert validation == ["validation/step_000010.png", "validation/step_000020.png"]
     assert "comparison_sheet.png" in [a.path for a in client.list_artifacts(ic_stages["generate"].info.run_id)]
-    cn_stages = {r.info.run_name: r for r in runs
+    cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
     assert set(cn_stages) == {"train", "generate", "filter"}
     assert len(client.list_artifacts(cn_stages["train"].info.run_id, "validation")) == 2

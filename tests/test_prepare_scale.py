@@ -53,6 +53,11 @@ def test_parallel_shards_reused_on_rerun_and_duplicates_kept_once(tmp_path, loca
     assert [name for name in sorted(before) if before[name] != after[name]] == ["shard-00001.parquet"]
     rows = pq.read_table(tmp_path / "data" / "shards" / "shard-00001.parquet").to_pylist()
     assert rows[1]["caption"] == "an edited caption"
+    # shard 2 lost p09 to p01 in shard 0: when p01 changes, p09 is no longer a copy and comes back
+    _picture(folder / "p01.png", 123)
+    report = prepare(config, Path)
+    assert report["shards_reused"] == 1 and report["skipped"] == {}
+    assert _shard_rows(tmp_path / "data")[2] == ["p08", "p09", "p10"]
 
     # a rerun in which nothing is usable fails and leaves the good shards where they were
     for picture in folder.glob("*.png"):
@@ -78,7 +83,7 @@ def test_every_bad_input_is_named_and_counted(tmp_path, local_ray):
     config = PrepareConfig(source="folder", folder={"images": str(folder)}, output=str(tmp_path / "data"),
                            max_image_pixels=200 * 200, rows_per_shard=3)  # fmt: skip
     report = prepare(config, Path)
-    assert report["rows_written"] == 2  # good.png and twin.jpg
+    assert report["rows_written"] == 2  # copy.png (the first of the two equal pictures) and twin.jpg
     assert report["skipped"] == {"zero-byte image": 1, "corrupt image": 2, "image over the pixel limit": 1,
                                  "missing caption": 1, "empty caption": 1, "caption not UTF-8": 1,
                                  "duplicate image": 1, "duplicate name": 1}  # fmt: skip

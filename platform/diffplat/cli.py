@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -16,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", default=".", help="folder that relative paths in the job are relative to")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.max_train_steps=100 (repeatable)")  # fmt: skip
+    _verbose(run)
 
     check = sub.add_parser("check", help="parse a job file and print the resolved config")
     check.add_argument("job")
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on a tiny model and synthetic data")
     demo.add_argument("--output", default="demo-output", help="where everything is written")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _verbose(demo)
 
     fill = sub.add_parser("ic-lora-infer", help="fill panels of a composite with an In-Context LoRA (source 1's flags)",
                           description="Fill the named panels of a composite image; the other panels are kept "
@@ -80,9 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--infer_config", required=True, metavar="FILE")
     infer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a job field the YAML has no key for, e.g. generate.replicas=4")
+    _verbose(infer)
     from diffplat.infer.commands import generate_parser
 
     generate_parser(sub)
+
+    board = sub.add_parser("mlflow", help="the MLflow dashboard for a work folder's runs (SQLite store, on 127.0.0.1)")
+    board.add_argument("--workdir", default=".", help="the work folder whose mlflow.db and mlartifacts/ it serves")
+    board.add_argument("--host", default="127.0.0.1", help="address to listen on; anything else exposes every run")
+    board.add_argument("--port", type=int, default=5000)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
     tiny.add_argument("out")
@@ -91,9 +98,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show the other libraries' logs, warnings and "
+                        "progress bars too (ray.verbose; they are always in Ray's session logs)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[diffplat] %(message)s", stream=sys.stderr)
+    from diffplat import console
+
+    verbose = getattr(args, "verbose", False)
+    console.setup(verbose)
+    if verbose:
+        args.overrides.append("ray.verbose=true")
     from diffplat.config import ConfigError, load_config, to_yaml
     from diffplat.data.composites import CompositeError
     from diffplat.models.lora import LoraFileError
@@ -141,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_job(job, ".")
             done = result.outputs["generate"]
             print(f"{done['images']} images in {done['folder']}")
+        elif args.command == "mlflow":
+            from diffplat.dashboard import serve_dashboard
+
+            return serve_dashboard(args.workdir, args.host, args.port)
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 

@@ -48,6 +48,8 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: int | None = None
     dashboard: bool = False
+    verbose: bool = Field(False, description="show the other libraries' logs, warnings and progress bars here too "
+                          "(they are always in Ray's session log files)")  # fmt: skip
 
 
 class BddSource(_Strict):
@@ -197,6 +199,9 @@ class ScalingSettings(_Strict):
     storage_path: str = "ray_results"
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a lost worker, each going on "
                               "from the last checkpoint; -1: no limit")  # fmt: skip
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train's: PACK fills a node's GPUs first (fast NVLink all-reduce); SPREAD puts "
+        "workers on as many nodes as it can")  # fmt: skip
 
 
 class DeepSpeedSettings(_Strict):

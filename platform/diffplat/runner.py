@@ -51,22 +51,39 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def _session_dir() -> str:
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node.get_session_dir_path()
+    except AttributeError:  # a client connection: the logs are on the head
+        return "<ray temp dir>/session_latest"
+
+
 @contextmanager
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Join the configured cluster, or start a local Ray for this process and stop it after."""
     import ray
     import ray.data
 
+    from diffplat import console
+
+    console.setup(config.verbose)
     if ray.is_initialized():
         _quiet_ray_data()
         yield
         return
+    # "local": a Ray of this process's own, even where a cluster already runs on the machine
+    # (without it, ray.init joins that cluster and refuses num_cpus).
     kwargs = {"address": config.address} if config.address else {
+        "address": "local",
         "num_cpus": config.num_cpus,
         "include_dashboard": config.dashboard,
         "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
     }  # fmt: skip
-    ray.init(**kwargs, log_to_driver=True, logging_level=logging.WARNING)
+    ray.init(**kwargs, log_to_driver=True, **console.ray_init_options(config.verbose))
+    if not config.verbose:
+        log.info("other libraries' output: %s/logs (--verbose shows it here)", _session_dir())
     _quiet_ray_data()
     try:
         yield
@@ -111,7 +128,7 @@ def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
     })  # fmt: skip
     output = work.path(c.output)
-    metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train")
+    metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train", verbose=config.ray.verbose)
     tracking.log_artifacts(output, "adapter")
     return {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
@@ -192,7 +209,7 @@ def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
             log.info("stage %s: starting", name)
             start = time.perf_counter()
             params = getattr(config, name).model_dump(mode="json", exclude_none=True)
-            with tracking.stage_run(name, params) as stage_id:
+            with tracking.stage_run(name, params, tracking.run_tags(config)) as stage_id:
                 result.outputs[name] = STAGE_RUNNERS[name](config, work, stage_id, uri)
                 result.seconds[name] = time.perf_counter() - start
                 tracking.log_metrics({"stage_seconds": result.seconds[name]})

@@ -54,6 +54,25 @@ def _experiment_id(mlflow, name: str, artifact_location: str | None) -> str:
         return experiment.experiment_id
 
 
+def run_tags(config: JobConfig) -> dict[str, str]:
+    """What the MLflow runs table compares runs by: job, adapter kind, base model, dataset."""
+    tags = {"diffplat.job": config.name}
+    for section in (config.train, config.generate, config.cache):
+        if section is not None and "diffplat.base_model" not in tags:
+            tags["diffplat.base_model"] = section.base_model
+    if config.train is not None:
+        tags["diffplat.kind"] = config.train.kind
+    elif config.generate is not None:
+        tags["diffplat.kind"] = config.generate.kind
+    if config.prepare is not None:
+        source = getattr(config.prepare, config.prepare.source)
+        where = next((getattr(source, f) for f in ("images", "csv", "path", "list_file") if getattr(source, f, None)), "")
+        tags["diffplat.dataset"] = f"{config.prepare.source}:{where}"
+    elif config.train is not None:
+        tags["diffplat.dataset"] = config.train.cache or config.train.data
+    return tags
+
+
 @contextmanager
 def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
     """The job's parent run; params are the whole resolved config. Yields the run id."""
@@ -67,7 +86,7 @@ def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
     try:
         experiment_id = _experiment_id(mlflow, config.tracking.experiment, _local_artifacts(uri, workdir))
         with mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run:
-            mlflow.set_tags({"diffplat.job": config.name, "diffplat.stages": ",".join(config.stages())})
+            mlflow.set_tags({**run_tags(config), "diffplat.stages": ",".join(config.stages())})
             mlflow.log_params(flatten(config.model_dump(mode="json", exclude_none=True)))
             mlflow.log_text(to_yaml(config), "config.yaml")
             yield run.info.run_id
@@ -79,15 +98,17 @@ def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict) -> Iterator[str]:
-    """A run nested in the current job run, for one stage."""
+def stage_run(stage: str, params: dict, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A run nested in the current job run, for one stage, named `<job>/<stage>` and tagged
+    like its job, so the runs table can be filtered and compared by stage across jobs."""
     import mlflow
 
     parent = mlflow.active_run()
     # Without experiment_id a nested run lands in the "Default" experiment, not its parent's.
     experiment_id = parent.info.experiment_id if parent else None
-    with mlflow.start_run(run_name=stage, nested=True, experiment_id=experiment_id) as run:
-        mlflow.set_tag("diffplat.stage", stage)
+    name = f"{tags['diffplat.job']}/{stage}" if tags else stage
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id) as run:
+        mlflow.set_tags({**(tags or {}), "diffplat.stage": stage})
         mlflow.log_params(flatten(params))
         yield run.info.run_id
 

@@ -72,7 +72,8 @@ def bucket_batches(blocks: Iterable[dict], batch_size: int, seed: int, shuffle_r
 
     for block in blocks:
         for i in range(len(block["caption"])):
-            row = {k: v[i] for k, v in block.items()}
+            # copies: a waiting row must not keep its whole block of arrays alive
+            row = {k: v[i].copy() if isinstance(v[i], np.ndarray) else v[i] for k, v in block.items()}
             key = np.shape(row["pixel_values"])
             pending.setdefault(key, []).append(row)
             if len(pending[key]) >= batch_size + shuffle_rows:

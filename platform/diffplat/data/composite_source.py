@@ -57,6 +57,8 @@ def read_caption(image: Path) -> str:
         text = path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
         raise CompositeError(f"caption not UTF-8 ({path.name})") from None
+    except OSError as err:
+        raise CompositeError(f"unreadable caption ({path.name}: {err.strerror or err})") from None
     if not text:
         raise CompositeError(f"empty caption ({path.name})")
     return text

@@ -21,7 +21,11 @@ class BadImage(OSError):
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
     """The file's bytes and the decoded RGB image (see decode_image)."""
-    return decode_image(Path(path).read_bytes(), max_pixels)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # gone since it was listed, no permission, an I/O error
+        raise BadImage("unreadable image", err.strerror or str(err)) from None
+    return decode_image(data, max_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:

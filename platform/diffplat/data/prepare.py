@@ -140,7 +140,7 @@ def prepare_folder(config: PrepareConfig, resolve) -> dict:
     return report
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _source_table(path: str, mtime_ns: int):  # the file's time in the key: a rewritten file is read again
     import pyarrow.parquet as pq
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -99,6 +100,10 @@ def build_shard(plan: dict, make_row: RowMaker, folder: str, max_side: int | Non
         except Skip as skip:
             skipped.append([skip.name, skip.reason])
             continue
+        except Exception as err:  # one bad item must not fail the stage, nor every rerun of it
+            log.warning("prepare: %s: unexpected error", item.get("name", item.get("id")), exc_info=True)
+            skipped.append([item.get("name", str(item.get("id"))), f"unexpected error ({type(err).__name__}: {err})"])
+            continue
         skipped.extend(row.pop("warnings", ()))  # parts of an item left out (a bad mask), the row kept
         digest = content_hash(row["image"])  # of the image as found, before any downscale
         if digest in seen:
@@ -116,7 +121,7 @@ def build_shard(plan: dict, make_row: RowMaker, folder: str, max_side: int | Non
     path = Path(folder) / plan["file"]
     write_shard(rows, path, meta)
     return {"shard": plan["shard"], "file": plan["file"], "bytes": path.stat().st_size, "started": started,
-            "seconds": time.time() - started, **meta}  # fmt: skip
+            "seconds": time.time() - started, "items": len(plan["items"]), **meta}  # fmt: skip
 
 
 def _build_shard_row(row: dict, **kwargs) -> dict:
@@ -186,17 +191,21 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
     plans = []
     for k, first in enumerate(range(0, len(items), rows_per_shard)):
         chunk = list(items[first : first + rows_per_shard])
+        # the offset too: rows are indexed by their place in the whole list of items
         plans.append({"shard": k, "file": f"shard-{k:05d}.parquet", "first": first, "items": chunk,
-                      "inputs": _inputs_hash(chunk, settings_text)})  # fmt: skip
+                      "inputs": _inputs_hash(chunk, f"{settings_text}@{first}")})  # fmt: skip
     wanted = {p["file"] for p in plans}
-    for stale in staging.glob("*.parquet"):
+    for stale in [*staging.glob("*.parquet"), *staging.glob(".*.tmp-*")]:  # temp files of killed tasks too
         if stale.name not in wanted:
             stale.unlink()
     results: dict[int, dict] = {}
+    now = {p["file"]: p["inputs"] for p in plans}
     for plan in plans:
         for place in (staging, final):
             meta = read_shard_meta(place / plan["file"])
-            if meta is not None and meta["inputs"] == plan["inputs"]:
+            # unchanged, and so are the shards that hold the first copies of pictures it dropped
+            if meta is not None and meta["inputs"] == plan["inputs"] and all(
+                    now.get(f) == h for f, h in meta.get("depends_on", {}).items()):  # fmt: skip
                 if place != staging:
                     _link_or_copy(place / plan["file"], staging / plan["file"])
                 size = (staging / plan["file"]).stat().st_size
@@ -210,7 +219,7 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
     start, done, total = time.perf_counter(), 0, sum(len(p["items"]) for p in todo)
     for n, result in enumerate(_run(todo, task, use_ray), 1):
         results[result["shard"]] = result
-        done += len(result["rows"]) + len(result["skipped"])  # every item of the plan, kept or not
+        done += result["items"]
         if n == len(todo) or n % max(1, len(todo) // 10) == 0:
             rate = done / max(time.perf_counter() - start, 1e-9)
             log.info("prepare: %d/%d shards built (%d/%d items, %.0f items/s, ETA %.0f s)", n, len(todo), done,
@@ -222,23 +231,27 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
 
 def _drop_duplicates_across_shards(built: Built) -> None:
     """A picture in an earlier shard is dropped from later ones (their file rewritten)."""
-    first: dict[str, str] = {}
+    first: dict[str, tuple[str, dict]] = {}  # picture hash -> (name, shard holding it)
     for shard in built.shards:
-        keep, dropped = [], []
-        for row in shard["rows"]:
+        kept, dropped, depends_on = [], [], dict(shard.get("depends_on", {}))
+        for i, row in enumerate(shard["rows"]):  # summaries are in file order
             if row["hash"] in first:
-                dropped.append([row["name"], f"duplicate image (same content as {first[row['hash']]})"])
+                name, holder = first[row["hash"]]
+                dropped.append([row["name"], f"duplicate image (same content as {name})"])
+                depends_on[holder["file"]] = holder["inputs"]
             else:
-                first[row["hash"]] = row["name"]
-                keep.append(row)
+                first[row["hash"]] = row["name"], shard
+                kept.append(i)
         if not dropped:
             continue
         path = built.staging / shard["file"]
-        table = pq.read_table(path)
-        ids = {r["id"] for r in keep}
-        rows = [r for r in table.to_pylist() if r["id"] in ids]
-        shard["rows"], shard["skipped"] = keep, shard["skipped"] + dropped
-        write_shard(rows, path, {"inputs": shard["inputs"], "rows": keep, "skipped": shard["skipped"]})
+        rows = pq.read_table(path).take(pa.array(kept, pa.int64())).to_pylist()  # by position: ids need not be unique
+        shard["rows"] = [shard["rows"][i] for i in kept]
+        shard["skipped"] = shard["skipped"] + dropped
+        # Its content now depends on the shards holding the first copies: a rerun reuses it only
+        # while they are unchanged too (a first copy edited since, and the second comes back).
+        shard["depends_on"] = depends_on
+        write_shard(rows, path, {k: shard[k] for k in ("inputs", "rows", "skipped", "depends_on")})
         shard["bytes"] = path.stat().st_size
 
 

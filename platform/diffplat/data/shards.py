@@ -36,9 +36,10 @@ def write_shard(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    if meta is not None:
-        table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        writer.write_table(table)
+        if meta is not None:  # in the file's footer only (schema metadata would also be copied into ARROW:schema)
+            writer.add_key_value_metadata({META_KEY: json.dumps(meta)})
     tmp.replace(path)
     return path
 
@@ -46,7 +47,7 @@ def write_shard(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
 def read_shard_meta(path: Path) -> dict | None:
     """The footer description of a shard prepare wrote (None: no file, or not one of ours)."""
     try:
-        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        raw = (pq.read_metadata(path).metadata or {}).get(META_KEY)
         return json.loads(raw) if raw else None
     except (OSError, ValueError):
         return None

@@ -143,7 +143,7 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         fn_constructor_args=(model_path, config.model_dump(mode="json")),
         batch_size=config.batch_size,
         batch_format="numpy",
-        concurrency=config.replicas,
+        compute=ray.data.ActorPoolStrategy(size=config.replicas),
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     )

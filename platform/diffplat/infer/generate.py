@@ -10,6 +10,7 @@ import io
 import logging
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from diffplat.config import GenerateConfig
@@ -135,9 +136,12 @@ class Generator:
         start = time.perf_counter()
         run = {"text_to_image": self._text, "ic_lora": self._fill, "controlnet": self._from_maps}[self.config.kind]
         out = run(batch)
+        import ray
+
         count = len(batch["index"])
         out.update({"index": batch["index"], "prompt": batch["prompt"], "seed": batch["seed"],
-                    "seconds": np.full(count, (time.perf_counter() - start) / count)})  # fmt: skip
+                    "seconds": np.full(count, (time.perf_counter() - start) / count),
+                    "node": np.full(count, ray.get_runtime_context().get_node_id())})  # fmt: skip
         return out
 
     def _text(self, batch: dict) -> dict:
@@ -270,11 +274,13 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
         fn_constructor_args=(config.model_dump(mode="json"),),
         batch_size=config.batch_size,
         batch_format="numpy",
-        concurrency=config.replicas,
+        compute=ray.data.ActorPoolStrategy(size=config.replicas),
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     ).iter_rows() if todo else []
+    nodes = Counter()
     for row in rows:
+        nodes[row["node"]] += 1
         if row["error"]:
             skipped.append(row["error"])
             log.warning("generate: skipped %s", row["error"])
@@ -310,5 +316,7 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
     if not folder.done:
         raise ValueError(f"generate: no image was made; first problems: {'; '.join(skipped[:5])}")
     elapsed = time.perf_counter() - start
-    return {"images": len(folder.done), "made_now": written, "skipped": len(skipped),
+    if len(nodes) > 1:
+        log.info("generate: made on %d nodes (%s)", len(nodes), ", ".join(f"{n[:8]}: {c}" for n, c in nodes.items()))
+    return {"images": len(folder.done), "made_now": written, "skipped": len(skipped), "nodes": len(nodes),
             "images_per_s": written / elapsed if elapsed and written else 0.0}  # fmt: skip

@@ -73,6 +73,29 @@ def all_workers(ok: bool, device) -> bool:
     return bool(_over_workers(torch.tensor([1 if ok else 0], device=device), op="min").item())
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, by rank (where a run's workers really are)."""
+    import ray
+    import torch.distributed as dist
+
+    own = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [own]
+    nodes = [None] * world
+    dist.all_gather_object(nodes, own)
+    return nodes
+
+
+def _while_all_have(batches, device):
+    """The batches, for as long as every worker still has one (one all-reduce per batch)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if not all_workers(batch is not None, device):
+            return
+        yield batch
+
+
 def _timed(batches, waited: list[float]):
     """The batches, adding the seconds spent waiting for each to waited[0]."""
     iterator = iter(batches)
@@ -93,12 +116,11 @@ def _duration(seconds: float) -> str:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     _setup_accelerator()
-    if not log.handlers:  # a fresh worker process; Ray forwards its stderr to the driver
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[diffplat] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False  # Ray's root handler would print every line a second time
+    from diffplat import console
+
+    # A fresh worker process: diffplat's lines on stderr, which Ray forwards to the driver; the
+    # other libraries as quiet as there, unless verbose.
+    console.setup(loop_config.get("verbose", False))
     import deepspeed
     import ray.train
     import torch
@@ -130,23 +152,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              num_training_steps=config.max_train_steps, num_cycles=config.lr_num_cycles,
                              power=config.lr_power, step_rules=config.lr_step_rules)  # fmt: skip
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=objective.module,
-        model_parameters=params,
-        optimizer=client_optimizer,
-        lr_scheduler=lr_scheduler,
-        config=deepspeed_config(config, client_optimizer=client_optimizer is not None),
-    )
+    with console.quiet_stdout(loop_config.get("verbose", False)):  # DeepSpeed prints as it builds its ops
+        engine, _, _, _ = deepspeed.initialize(
+            model=objective.module,
+            model_parameters=params,
+            optimizer=client_optimizer,
+            lr_scheduler=lr_scheduler,
+            config=deepspeed_config(config, client_optimizer=client_optimizer is not None),
+        )
     # The average lives on rank 0 only, which saves and validates (ZeRO 0-2 keep every
     # rank's parameters whole, so rank 0 sees all of them).
     ema = MovingAverage(engine.module, config.ema_decay) if config.use_ema and rank == 0 else None
     trainable = sum(p.numel() for p in params)
+    nodes = _worker_nodes(world)
     if rank == 0:
-        log.info("train: %s, %d trainable parameters, %d workers, ZeRO %d, %s%s", config.kind, trainable, world,
-                 config.deepspeed.zero_stage, config.mixed_precision, ", EMA" if ema else "")  # fmt: skip
+        log.info("train: %s, %d trainable parameters, %d workers on %d node%s, ZeRO %d, %s%s", config.kind, trainable,
+                 world, len(set(nodes)), "s"[: len(set(nodes)) > 1], config.deepspeed.zero_stage,
+                 config.mixed_precision, ", EMA" if ema else "")  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
     info = {"base_model": config.base_model, "resolution": list(config.resolution), "workers": world,
+            "worker_nodes": len(set(nodes)),
             **({"cache": config.cache} if config.cache else {})}  # fmt: skip
     step, micro, epoch, batch_in_epoch, loss = 0, 0, 0, 0, None
 
@@ -249,6 +275,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches = bucket_batches(shard.iter_batches(batch_size=None, batch_format="numpy"),
                                      config.train_batch_size, order_seed,
                                      config.shuffle_buffer // len(config.buckets.resolutions))  # fmt: skip
+            # Each worker's buckets leave a different remainder: the epoch ends for all as soon as
+            # one runs out, or the others would wait forever in the next step's all-reduce.
+            batches = _while_all_have(batches, device)
         else:
             batches = shard.iter_batches(batch_size=config.train_batch_size, batch_format="numpy", drop_last=True,
                                          local_shuffle_buffer_size=config.shuffle_buffer or None,
@@ -305,4 +334,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch, batch_in_epoch = epoch + 1, 0
     validate(step)
     # A run resumed at its last step takes no step: it saves what it resumed from.
-    report({"step": step, **({"final_loss": loss.item()} if loss is not None else {})}, save=True)
+    report({"step": step, "worker_nodes": len(set(nodes)), **({"final_loss": loss.item()} if loss is not None else {})},
+           save=True)  # fmt: skip

@@ -150,7 +150,8 @@ def _run_dir(storage: str, run_name: str) -> str:
     return f"{storage.rstrip('/')}/{run_name}" if "://" in storage else str(Path(storage) / run_name)
 
 
-def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, run_id: str | None, name: str) -> dict:
+def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, run_id: str | None, name: str,
+                 verbose: bool = False) -> dict:  # fmt: skip
     """Train with `config` (paths already resolved) and write the adapter to `output`."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -173,12 +174,14 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "verbose": verbose,
                            "resume": resume, "run_dir": _run_dir(scaling.storage_path, run_name)},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             # Fractional CPUs leave Ray Data room to feed the workers on a small machine.
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

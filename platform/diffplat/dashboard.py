@@ -1,0 +1,50 @@
+"""`diffplat mlflow`: the MLflow dashboard for a work folder's runs, on 127.0.0.1.
+
+It serves the store jobs write by default (`<workdir>/mlflow.db`, artifacts in
+`<workdir>/mlartifacts`), so runs made before it started are there too. Jobs log to it when
+`MLFLOW_TRACKING_URI` (or `tracking.uri`) is its address; artifacts then go through the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("diffplat")
+
+
+def server_command(workdir: Path, host: str, port: int) -> list[str]:
+    workdir = Path(workdir).resolve()
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination", str(workdir / "mlartifacts"), "--host", host, "--port", str(port),
+            "--workers", "1"]  # fmt: skip
+
+
+def serve_dashboard(workdir: str | Path, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the server until Ctrl-C; its exit status."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    log.info("MLflow on %s (store %s)", address, workdir / "mlflow.db")
+    log.info("jobs log to it with:  export MLFLOW_TRACKING_URI=%s   (or tracking.uri in the job)", address)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who reaches this port can read and change every run", host)
+    else:
+        log.info("from your machine, when this runs on a cluster's head:  ssh -L %d:127.0.0.1:%d <head>", port, port)
+    # MLflow starts worker processes: its own process group, so Ctrl-C stops all of them.
+    proc = subprocess.Popen(server_command(workdir, host, port), start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

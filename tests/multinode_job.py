@@ -1,0 +1,42 @@
+"""Run in its own process by test_cluster.py: a head and a second node joined to it (two raylets
+on this machine), then a job on them: prepare, train with 2 workers spread over the nodes, and
+generate with 2 replicas. Prints the stage outputs as JSON on the last line."""
+
+import json
+import sys
+from pathlib import Path
+
+from ray.cluster_utils import Cluster
+
+
+def main(work: Path, model: str, images: str) -> None:
+    from diffplat.config import parse_config
+    from diffplat.runner import run_job
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        config = parse_config({
+            "name": "two-nodes",
+            "ray": {"address": cluster.address},
+            "prepare": {"source": "folder", "folder": {"images": images}},
+            "train": {"base_model": model, "data": "data/shards", "resolution": [32, 32], "lora": {"rank": 4},
+                      "max_train_steps": 2, "train_batch_size": 1, "checkpointing_steps": 1,
+                      "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD",
+                                  # storage every node sees (here: this machine's disk; on a cluster: NFS, s3://)
+                                  "storage_path": str(work / "shared" / "ray_results")},
+                      "deepspeed": {"zero_stage": 2}},
+            "generate": {"base_model": model, "lora": "adapters/lora", "prompts": ["a road", "a car"],
+                         "num_generations": 2, "resolution": [32, 32], "num_inference_steps": 2, "batch_size": 1,
+                         "replicas": 2, "cpus_per_replica": 1, "output": "generations"},
+        })  # fmt: skip
+        result = run_job(config, work)
+    finally:
+        cluster.shutdown()
+    print(json.dumps({stage: {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+                      for stage, out in result.outputs.items()}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

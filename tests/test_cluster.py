@@ -1,0 +1,128 @@
+"""Cluster operations, for real on this machine: a job submitted through the Jobs API to a head
+with token authentication (as the README says), and a job spread over two nodes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pictures(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"a road picture {i}")
+    return folder
+
+
+def _stop_head(temp_dir: Path) -> list[int]:
+    """Stop exactly the head started with `temp_dir`: its processes and their children (Ray's
+    workers rename themselves `ray::...`, so they are found under the raylet). `ray stop` would
+    stop every Ray on the machine, this test session's own included."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or [])]
+    procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        p.kill()
+    for address_file in (temp_dir / "ray_current_cluster", Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"):
+        if address_file.is_file() and str(temp_dir) in _session_of(address_file):
+            address_file.unlink()
+    return sorted(procs)
+
+
+def _session_of(address_file: Path) -> str:
+    return address_file.read_text()
+
+
+def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
+    import psutil
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `diffplat` is this environment's
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)  # Ray 2.60's default: token authentication on for `ray start`
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                            "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        # token authentication: the Jobs API refuses a call without the token
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        # the dashboard and Jobs API listen on loopback only (the GCS port listens on every
+        # interface, as Ray binds it: token auth guards it, and no firewall may open it)
+        head = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or [])]
+        ports = {c.laddr.port: c.laddr.ip for p in head for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == dashboard}  # fmt: skip
+        assert ports == {dashboard: "127.0.0.1"}
+
+        images = _pictures(tmp_path / "pics", 3)
+        work = tmp_path / "work"
+        job = tmp_path / "job.yaml"
+        job.write_text(json.dumps({
+            "name": "submitted",
+            "prepare": {"source": "folder", "folder": {"images": str(images)}},
+            "generate": {"base_model": str(tiny_sdxl), "prompts_from_shards": "data/shards", "num_generations": 1,
+                         "max_images": 2, "resolution": [32, 32], "num_inference_steps": 2, "output": "generations"},
+        }))  # fmt: skip
+        # the README's command, as written there
+        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                 "--working-dir", ".", "--", "diffplat", "run", str(job), "--workdir", str(work),
+                                 "--set", "ray.address=auto"],
+                                cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                                timeout=420)  # fmt: skip
+        logs = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        assert "[diffplat] stage generate: done" in logs  # the job's logs were followed to the end
+        assert len(list((work / "generations" / "images").glob("*.png"))) == 2
+        assert (work / "mlflow.db").is_file() and (work / "data" / "shards" / "_manifest.json").is_file()
+    finally:
+        stopped = _stop_head(temp_dir)
+    assert stopped
+    import psutil as ps
+
+    assert not [p for p in ps.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or [])]
+
+
+def test_a_job_over_two_nodes(tmp_path, tiny_sdxl):
+    images = _pictures(tmp_path / "pics", 4)
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_job.py"), str(work), str(tiny_sdxl),
+                           str(images)], capture_output=True, text=True, timeout=540)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    outputs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outputs["train"]["worker_nodes"] == 2  # rank 0 and rank 1 on different nodes
+    assert outputs["generate"]["nodes"] == 2 and outputs["generate"]["images"] == 4  # a replica on each node
+    # checkpoints in the shared storage the job named, the adapter and images where the driver expects
+    assert list((work / "shared" / "ray_results").glob("two-nodes-train-*/checkpoint_*/adapter"))
+    assert (work / "adapters" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((work / "generations" / "images").glob("*.png"))) == 4
