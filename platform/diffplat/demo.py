@@ -44,11 +44,10 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     configs = {leg: load_config(demo_config_path(name), _overrides_for(demo_config_path(name), overrides or []))
                for leg, name in DEMO_JOBS.items()}  # fmt: skip
     start = time.perf_counter()
-    log.info("demo: writing a tiny SDXL and its inpainting variant to %s", out)
+    log.info("demo: a tiny SDXL, its inpainting variant and a synthetic BDD-like dataset in %s", out)
     write_tiny_model(out / "base-model", "sdxl")
     # Same seed, so the same text encoders and VAE: only the UNet has 9 input channels.
     write_tiny_model(out / "base-model-inpaint", "sdxl-inpaint")
-    log.info("demo: writing a synthetic BDD-like dataset to %s", out / "bdd")
     write_synthetic_bdd(out / "bdd", num_images=24)
     setup = time.perf_counter() - start
     results = {}
@@ -61,38 +60,30 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
 
 
 def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
-    lines = ["", "diffplat demo: done", "", f"  {'setup':<19} {setup:7.1f} s"]
-    total = setup
+    """One screen: where each job's time went, what it wrote, and what to open next."""
+    total = setup + sum(sum(r.seconds.values()) for r in results.values())
+    lines = ["", f"diffplat demo: done in {total:.0f} s (setup {setup:.0f} s)"]
     for leg, result in results.items():
-        for i, (stage, secs) in enumerate(result.seconds.items()):
-            lines.append(f"  {leg if i == 0 else '':<9} {stage:<9} {secs:7.1f} s")
-            total += secs
-    lines.append(f"  {'total':<19} {total:7.1f} s")
+        lines.append(f"  {leg:<10} " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in result.seconds.items()))
     lora, ic, cn = results["lora"].outputs, results["ic_lora"].outputs, results["controlnet"].outputs
     prep, cache, train, gen, filt = (lora.get(k, {}) for k in ("prepare", "cache", "train", "generate", "filter"))
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
+    loss = lambda t: f"final loss {t.get('final_loss', float('nan')):.4f}"  # noqa: E731
     lines += [
-        "",
-        f"  base models  {out / 'base-model'}, {out / 'base-model-inpaint'}",
-        f"  data         {out / 'data'}  ({prep.get('rows_written')} rows, skipped {prep.get('skipped')})",
-        f"  cache        {out / 'cache'}  ({cache.get('rows')} rows of latents + text embeddings)",
-        f"  lora         {out / 'adapters/lora'}  (trained from the cache; final loss {train.get('final_loss', float('nan')):.4f})",
-        f"  generations  {out / 'generations'}  ({gen.get('images')} images, contact_sheet.png, labels/, annotated/)",
-        f"  filter       kept {filt.get('kept')} of {filt.get('images')}: {out / 'generations/gallery/index.html'}",
-        f"  composites   {out / 'data-ic/composites'}  ({ic_prep.get('rows_written')} of layout {ic_prep.get('layout')})",
-        f"  ic_lora      {out / 'adapters/ic_lora'}  (final loss {ic_train.get('final_loss', float('nan')):.4f})",
-        f"  fills        {out / 'ic_lora'}  ({ic_gen.get('images')} composites, panels 2 3 filled, comparisons/)",
-        f"  controlnet   {out / 'adapters/controlnet'}  (final loss {cn_train.get('final_loss', float('nan')):.4f})",
-        f"  from maps    {out / 'controlnet'}  ({cn_gen.get('images')} images, comparisons/; "
-        f"filter kept {cn_filt.get('kept')} of {cn_filt.get('images')})",
-        f"  mlflow       {results['lora'].tracking_uri}",
-        "",
-        "Open the MLflow dashboard on it:",
-        f"  .venv/bin/mlflow ui --backend-store-uri {results['lora'].tracking_uri} --host 127.0.0.1 --port 5000",
-        "Fill panels of a composite yourself (source 1's flags):",
-        f"  .venv/bin/diffplat ic-lora-infer --lora_path {out / 'adapters/ic_lora'} --input_image "
-        f"{out / 'data-ic/composites/composite-00000.png'} --prompt \"...\" --panels_to_inpaint 2 3 --save_comparison",
+        f"  in {out}:",
+        f"    data/ {prep.get('rows_written')} rows (skipped {prep.get('skipped')}), cache/ {cache.get('rows')} rows "
+        f"of latents + embeddings",
+        f"    adapters/lora ({loss(train)}, trained from the cache), adapters/ic_lora ({loss(ic_train)}), "
+        f"adapters/controlnet ({loss(cn_train)})",
+        f"    generations/ {gen.get('images')} images, kept {filt.get('kept')}: generations/gallery/index.html",
+        f"    data-ic/composites/ {ic_prep.get('rows_written')} of layout {ic_prep.get('layout')}, ic_lora/ "
+        f"{ic_gen.get('images')} filled (comparisons/)",
+        f"    controlnet/ {cn_gen.get('images')} images from maps (comparisons/), kept {cn_filt.get('kept')}",
+        f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}  (http://127.0.0.1:5000)",
+        "  fill panels of a composite yourself (source 1's flags):",
+        f"    .venv/bin/diffplat ic-lora-infer --lora_path {out / 'adapters/ic_lora'} --input_image "
+        f"{out / 'data-ic/composites/composite-00000.png'} --prompt \"...\" --panels_to_inpaint 2 3",
         "",
     ]
     return "\n".join(lines)

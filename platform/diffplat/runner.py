@@ -42,13 +42,13 @@ class JobResult:
     outputs: dict[str, dict] = field(default_factory=dict)
 
 
-def _quiet_ray_data() -> None:
+def _quiet_ray_data(verbose: bool = False) -> None:
     """Ray Data's progress bars (off a terminal: a block of progress log lines every few
     seconds) and its per-dataset INFO lines would bury the stages' own progress lines."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _session_dir() -> str:
@@ -70,7 +70,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
 
     console.setup(config.verbose)
     if ray.is_initialized():
-        _quiet_ray_data()
+        _quiet_ray_data(config.verbose)
         yield
         return
     # "local": a Ray of this process's own, even where a cluster already runs on the machine
@@ -84,7 +84,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     ray.init(**kwargs, log_to_driver=True, **console.ray_init_options(config.verbose))
     if not config.verbose:
         log.info("other libraries' output: %s/logs (--verbose shows it here)", _session_dir())
-    _quiet_ray_data()
+    _quiet_ray_data(config.verbose)
     try:
         yield
     finally:
@@ -213,5 +213,4 @@ def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
                 result.outputs[name] = STAGE_RUNNERS[name](config, work, stage_id, uri)
                 result.seconds[name] = time.perf_counter() - start
                 tracking.log_metrics({"stage_seconds": result.seconds[name]})
-            log.info("stage %s: done in %.1f s", name, result.seconds[name])
     return result

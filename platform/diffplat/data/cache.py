@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from diffplat.config import CacheConfig, ConfigError, TrainConfig
+from diffplat.console import Ticker
 from diffplat.fileio import replace_dir, write_json_atomic
 
 log = logging.getLogger("diffplat")
@@ -342,20 +343,17 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
     described = ray.remote(_describe).options(**resources).remote(spec)
     rows_in = _rows_in(c.data)
     width, height = c.resolution
-    log.info("cache: encoding %s rows of %s at %dx%d on %d replica(s)", rows_in if rows_in is not None else "the",
-             c.data, width, height, c.replicas)  # fmt: skip
     encoded = training_dataset(c.data, c.resolution, c.center_crop, c.random_flip, c.seed, conditioning=c.conditioning,
                                ids=True).map_batches(Encoder, fn_constructor_args=(spec,), batch_size=c.batch_size,
                                                      batch_format="numpy", **resources,
                                                      compute=ray.data.ActorPoolStrategy(size=c.replicas))  # fmt: skip
     with replace_dir(output) as tmp:
         writer = _ShardWriter(tmp, c.rows_per_shard)
-        logged = 0
+        ticker = Ticker()
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             if len(batch["id"]):
                 writer.add(rows_table(batch))
-            if writer.rows - logged >= max(c.rows_per_shard, 1) or (rows_in and writer.rows == rows_in):
-                logged = writer.rows
+            if ticker.due(last_one=bool(rows_in) and writer.rows == rows_in):
                 log.info("cache: %d/%s rows (%.1f rows/s)", writer.rows, rows_in if rows_in is not None else "?",
                          writer.rows / (time.perf_counter() - start))  # fmt: skip
         writer.close()
@@ -366,7 +364,8 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
         info = write_cache_meta(tmp, c, facts, empty, writer.rows)
     elapsed = time.perf_counter() - start
     left_out = rows_in - writer.rows if rows_in is not None else 0
-    log.info("cache: %d rows in %d shards written to %s in %.1f s%s", writer.rows, writer.files, output, elapsed,
+    log.info("cache: %d rows at %dx%d (%d replica%s) in %d shards in %s, %.1f s%s", writer.rows, width, height,
+             c.replicas, "s"[: c.replicas > 1], writer.files, output, elapsed,
              f"; {left_out} rows left out (undecodable, or no conditioning image)" if left_out else "")  # fmt: skip
     return {"cache": str(output), "rows": writer.rows, "rows_left_out": left_out, "shards": writer.files,
             "rows_per_s": writer.rows / elapsed, "latent_shape": info["latent_shape"]}  # fmt: skip
@@ -381,4 +380,4 @@ def cached_dataset(folder: str, conditioning: bool):
     if not files:
         raise ConfigError(f"train.cache: {folder} holds no shard-*.parquet")
     columns = [name for name in SCHEMA.names if conditioning or name != "conditioning"]
-    return ray.data.read_parquet(files, columns=columns)
+    return ray.data.read_parquet(files).select_columns(columns)

@@ -41,8 +41,10 @@ def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path
     """Write the report (also when nothing was usable, so that it says why), then judge."""
     report["skipped_items"] = skipped[:1000]
     write_json_atomic(out / "prepare_report.json", report)
-    for message in skipped[:20]:
+    for message in skipped[:1]:
         log.warning("prepare: skipped %s", message)
+    if len(skipped) > 1:
+        log.warning("prepare: ... and %d more skipped, each named in %s", len(skipped) - 1, out / "prepare_report.json")
     if report["rows_written"] == 0:
         raise NothingUsable(f"prepare: no usable rows out of {found} items in {where}; see {out}/prepare_report.json")
     log.info("prepare: %d rows in %d shards, %d skipped", report["rows_written"], len(report["shards"]),
@@ -84,7 +86,6 @@ def _settings(config: PrepareConfig) -> dict:
 
 def _build(config: PrepareConfig, out: Path, items: list[dict], make_row, skips: Skips) -> Built:
     """The items -> shards (in parallel on the job's Ray), their skips added to `skips`."""
-    log.info("prepare: %d items to read", len(items))
     built = build_shards(items, make_row, out / "shards", config.rows_per_shard, _settings(config),
                          config.max_image_side)  # fmt: skip
     for name, reason in built.skipped:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from diffplat.console import Ticker
 from diffplat.data.shards import read_shard_meta, write_shard
 from diffplat.fileio import swap_in, write_json_atomic
 
@@ -216,11 +217,11 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
     if results:
         log.info("prepare: %d of %d shards unchanged since the last run, reused", len(results), len(plans))
     task = functools.partial(build_shard, make_row=make_row, folder=str(staging), max_side=max_side)
-    start, done, total = time.perf_counter(), 0, sum(len(p["items"]) for p in todo)
+    start, done, total, ticker = time.perf_counter(), 0, sum(len(p["items"]) for p in todo), Ticker()
     for n, result in enumerate(_run(todo, task, use_ray), 1):
         results[result["shard"]] = result
         done += result["items"]
-        if n == len(todo) or n % max(1, len(todo) // 10) == 0:
+        if ticker.due(last_one=n == len(todo)):
             rate = done / max(time.perf_counter() - start, 1e-9)
             log.info("prepare: %d/%d shards built (%d/%d items, %.0f items/s, ETA %.0f s)", n, len(todo), done,
                      total, rate, max(total - done, 0) / max(rate, 1e-9))  # fmt: skip

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from diffplat.config import FilterConfig
+from diffplat.console import Ticker
 from diffplat.filter.rules import Detection, counted, decide, lowest_threshold
 from diffplat.fileio import read_jsonl, replace_dir, write_json_atomic
 from diffplat.pictures import list_images
@@ -148,6 +149,7 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         num_cpus=config.cpus_per_replica,
     )
     per_image, entries, reasons, class_counts, errors = {}, [], Counter(), Counter(), []
+    ticker = Ticker()
     with replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir:
         for n, row in enumerate(ds.iter_rows(), 1):
             path = Path(row["path"])
@@ -169,7 +171,7 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
             entries.append({"file_name": path.name, "width": int(row["width"]), "height": int(row["height"]),
                             "detections": seen, "kept": keep})  # fmt: skip
             reasons.update(why)
-            if n % 50 == 0 or n == len(images):
+            if ticker.due(last_one=n == len(images)):
                 log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
     kept = [e for e in entries if e["kept"]]
     write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from diffplat.config import GenerateConfig
+from diffplat.console import Ticker
 
 log = logging.getLogger("diffplat")
 
@@ -248,7 +249,6 @@ def requests_for(config: GenerateConfig) -> tuple[list[dict], list[str]]:
         requests = requests[: config.max_images]
     if not requests:
         raise ValueError(f"generate: nothing to make ({what}); first problems: " + "; ".join(skipped[:5]))
-    log.info("generate: %d images %s on %d replica(s)", len(requests), what, config.replicas)
     return requests, skipped
 
 
@@ -278,7 +278,7 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     ).iter_rows() if todo else []
-    nodes = Counter()
+    nodes, ticker = Counter(), Ticker()
     for row in rows:
         nodes[row["node"]] += 1
         if row["error"]:
@@ -310,13 +310,14 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
             record.update({"width": width, "height": height})
         folder.add(row["name"], row["png"], record, row["comparison"])
         written += 1
-        if written % 10 == 0 or written == len(todo):
-            log.info("generate: %d/%d images", len(folder.done), len(requests))
+        if ticker.due(last_one=written == len(todo)):
+            log.info("generate: %d/%d images (%.1f images/s)", len(folder.done), len(requests),
+                     written / (time.perf_counter() - start))  # fmt: skip
     folder.finish(skipped, {int(r["index"]) for r in requests})
     if not folder.done:
         raise ValueError(f"generate: no image was made; first problems: {'; '.join(skipped[:5])}")
     elapsed = time.perf_counter() - start
-    if len(nodes) > 1:
-        log.info("generate: made on %d nodes (%s)", len(nodes), ", ".join(f"{n[:8]}: {c}" for n, c in nodes.items()))
+    log.info("generate: %d images in %s (%d replica%s%s)", len(folder.done), output / "images",
+             config.replicas, "s"[: config.replicas > 1], f" on {len(nodes)} nodes" if len(nodes) > 1 else "")  # fmt: skip
     return {"images": len(folder.done), "made_now": written, "skipped": len(skipped), "nodes": len(nodes),
             "images_per_s": written / elapsed if elapsed and written else 0.0}  # fmt: skip

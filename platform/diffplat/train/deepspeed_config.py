@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 from diffplat.config import TrainConfig
+
+
+def select_accelerator() -> None:
+    """DeepSpeed picks its accelerator when imported; without CUDA it must be told "cpu" (or it
+    guesses, and warns that it did)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def deepspeed_config(config: TrainConfig, client_optimizer: bool = False) -> dict:

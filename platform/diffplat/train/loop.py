@@ -17,16 +17,9 @@ from pathlib import Path
 
 from diffplat.train.checkpoint import (ADAPTER_DIR, EMA_FILE, STATE_DIR, STATE_TAG, check_trained, own_checkpoints,
                                        read_state, restore_rng, save_rng, trained_shapes, write_state)  # fmt: skip
+from diffplat.train.deepspeed_config import select_accelerator
 
 log = logging.getLogger("diffplat")
-
-
-def _setup_accelerator() -> None:
-    import torch
-
-    # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu".
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _optimizer(config, params):
@@ -115,7 +108,7 @@ def _duration(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    _setup_accelerator()
+    select_accelerator()
     from diffplat import console
 
     # A fresh worker process: diffplat's lines on stderr, which Ray forwards to the driver; the
@@ -254,13 +247,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.module.train()
         if picture is not None:
             logger.log_image(picture, f"validation/step_{step:06d}.png")
-            log.info("train: validation images at step %d (%.1f s)", step, time.perf_counter() - start)
+            if time.perf_counter() - start >= 10:  # worth a line only when it held the run up
+                log.info("train: validation images at step %d (%.1f s)", step, time.perf_counter() - start)
 
     every = config.validation.every_n_steps
     # Losses add up on the device and are read once per log line: .item() each step would
     # make the GPU wait for the host.
     window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
     window_start, waited = time.perf_counter(), [0.0]
+    printed = window_start
     engine.train()
     while step < config.max_train_steps:
         # The shuffle is reseeded each epoch from (seed, rank, epoch): a resumed run replays
@@ -310,7 +305,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "data_wait_share": min(1.0, waited[0] / elapsed),
                 }
                 logger.log_metrics(metrics, step)
-                if rank == 0:
+                # the console: a line every 10 s at most, and the last step (MLflow has every log_every)
+                if rank == 0 and (time.perf_counter() - printed >= 10 or step == config.max_train_steps):
+                    printed = time.perf_counter()
                     eta = (config.max_train_steps - step) * metrics["step_time_s"]
                     log.info("train: step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s %.2f s/step data wait %.0f%% "
                              "eta %s", step, config.max_train_steps, epoch, metrics["loss"], metrics["lr"],

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from diffplat.config import ConfigError, TrainConfig
+from diffplat.console import TRAIN_LOG_LEVEL
 from diffplat.data.pipeline import training_dataset
 from diffplat.fileio import replace_dir
 from diffplat.train.checkpoint import ADAPTER_DIR, STATE_FILE, read_state
@@ -184,6 +185,8 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
+            # Ray Train's own lines (and what workers print, which it routes through them)
+            logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL[verbose]),
             name=run_name,
             storage_path=scaling.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
