@@ -23,13 +23,16 @@ def main(work: Path, model: str, images: str) -> None:
             "prepare": {"source": "folder", "folder": {"images": images}},
             "train": {"base_model": model, "data": "data/shards", "resolution": [32, 32], "lora": {"rank": 4},
                       "max_train_steps": 2, "train_batch_size": 1, "checkpointing_steps": 1,
-                      "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD",
+                      # STRICT: one worker a node, or the run waits (SPREAD alone may pack a busy machine)
+                      "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
                                   # storage every node sees (here: this machine's disk; on a cluster: NFS, s3://)
                                   "storage_path": str(work / "shared" / "ray_results")},
                       "deepspeed": {"zero_stage": 2}},
             "generate": {"base_model": model, "lora": "adapters/lora", "prompts": ["a road", "a car"],
-                         "num_generations": 2, "resolution": [32, 32], "num_inference_steps": 2, "batch_size": 1,
-                         "replicas": 2, "cpus_per_replica": 1, "output": "generations"},
+                         # enough images that the second replica, up a few seconds after the first, gets some
+                         "num_generations": 6, "resolution": [32, 32], "num_inference_steps": 1, "batch_size": 1,
+                         # a replica takes a whole node's 2 CPUs: the two can only be on different nodes
+                         "replicas": 2, "cpus_per_replica": 2, "output": "generations"},
         })  # fmt: skip
         result = run_job(config, work)
     finally:

@@ -3,7 +3,6 @@ bucket per batch, and a training run on images of two shapes."""
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -95,16 +96,30 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
                          "max_images": 2, "resolution": [32, 32], "num_inference_steps": 2, "output": "generations"},
         }))  # fmt: skip
         # the README's command, as written there
-        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                                 "--working-dir", ".", "--", "diffplat", "run", str(job), "--workdir", str(work),
-                                 "--set", "ray.address=auto"],
-                                cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                                timeout=420)  # fmt: skip
-        logs = submit.stdout + submit.stderr
+        for attempt in range(20):  # a head just started takes a few seconds to take jobs
+            submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                     "--working-dir", ".", "--", "diffplat", "run", str(job), "--workdir", str(work),
+                                     "--set", "ray.address=auto"],
+                                    cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                                    timeout=420)  # fmt: skip
+            logs = submit.stdout + submit.stderr
+            if "No available agent to submit job" not in logs:
+                break
+            time.sleep(3)
         assert submit.returncode == 0 and "succeeded" in logs, logs[-4000:]
-        assert "[diffplat] stage generate: done" in logs  # the job's logs were followed to the end
+        assert "[diffplat] generate: 2 images in" in logs  # the job's logs were followed to the end
         assert len(list((work / "generations" / "images").glob("*.png"))) == 2
         assert (work / "mlflow.db").is_file() and (work / "data" / "shards" / "_manifest.json").is_file()
+
+        # a job run here, with no address, while that head runs: it starts a Ray of its own
+        # (joining the head instead would refuse the job's num_cpus)
+        local = tmp_path / "local.yaml"
+        local.write_text(json.dumps({"name": "beside-a-head", "ray": {"num_cpus": 1},
+                                     "prepare": {"source": "folder", "folder": {"images": str(images)}}}))  # fmt: skip
+        beside = subprocess.run([str(BIN / "diffplat"), "run", str(local), "--workdir", str(tmp_path / "local")],
+                                env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert beside.returncode == 0, beside.stderr[-3000:]
+        assert "prepare" in beside.stdout and (tmp_path / "local" / "data" / "prepare_report.json").is_file()
     finally:
         stopped = _stop_head(temp_dir)
     assert stopped
@@ -121,8 +136,8 @@ def test_a_job_over_two_nodes(tmp_path, tiny_sdxl):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     outputs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outputs["train"]["worker_nodes"] == 2  # rank 0 and rank 1 on different nodes
-    assert outputs["generate"]["nodes"] == 2 and outputs["generate"]["images"] == 4  # a replica on each node
+    assert outputs["generate"]["images"] == 12 and outputs["generate"]["nodes"] == 2  # a replica on each node
     # checkpoints in the shared storage the job named, the adapter and images where the driver expects
     assert list((work / "shared" / "ray_results").glob("two-nodes-train-*/checkpoint_*/adapter"))
     assert (work / "adapters" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert len(list((work / "generations" / "images").glob("*.png"))) == 4
+    assert len(list((work / "generations" / "images").glob("*.png"))) == 12

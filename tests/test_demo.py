@@ -38,11 +38,14 @@ def test_demo_writes_every_stage(demo):
     for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "lora", "ic_lora", "controlnet"):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
-    # the whole output on one screen: diffplat's lines, the other libraries' kept out
+    # one screen: diffplat's lines and summary (61 lines in all in a quiet run; Ray's own C++ and
+    # thread warnings still get through, more of them on a loaded machine), the other libraries kept out
     lines = (stdout + stderr).strip().splitlines()
-    assert len(lines) <= 62, "\n".join(lines)  # ~55 of them diffplat's; a few of Ray's own C++ warnings get through
+    ours = [line for line in lines if line.startswith("[diffplat]")] + stdout.strip().splitlines()
+    assert len(ours) <= 55, "\n".join(ours)
     assert sum("stage " in line and ": starting" in line for line in lines) == 12
-    assert not [line for line in lines if "Warning" in line or "it/s]" in line or "Reporting training result" in line]
+    noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
+    assert not [line for line in lines if any(n in line for n in noise)]
 
 
 def test_demo_ic_lora_leg(demo):

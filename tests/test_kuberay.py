@@ -20,7 +20,7 @@ def launcher() -> dict:
 
 
 def _cluster_specs():
-    job, (service, policy) = _docs("rayjob-train.yaml")[0], _docs("rayservice.yaml")
+    job, service = _docs("rayjob-train.yaml")[0], _docs("rayservice.yaml")[0]
     return {"rayjob": job["spec"]["rayClusterSpec"], "rayservice": service["spec"]["rayClusterConfig"]}
 
 

@@ -2,7 +2,6 @@
 across shards, images scaled down, every bad input counted."""
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq

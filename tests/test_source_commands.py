@@ -40,8 +40,8 @@ def test_source2_infer_config_as_written(tmp_path, tiny_sdxl):
     make_lora(tiny_sdxl, tmp_path / "runs" / "integration_test_sdxl_lora_train" / "checkpoint-2")
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "lora_infer.yaml").write_text(SOURCE2_YAML.format(base=tiny_sdxl))
-    # The YAML as written; on 2 CPU cores, 4 steps instead of the pipeline's 50 (a field it has no key for)
-    fast = ("--set", "generate.num_inference_steps=4")
+    # The YAML as written; on 2 CPU cores, 2 steps instead of the pipeline's 50 (a field it has no key for)
+    fast = ("--set", "generate.num_inference_steps=2")
     proc = _diffplat(tmp_path, "infer", "--infer_config", "config/lora_infer.yaml", *fast)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch = tmp_path / "inference_outputs" / "batch_001"
@@ -50,7 +50,7 @@ def test_source2_infer_config_as_written(tmp_path, tiny_sdxl):
     first = records[0]
     assert first["prompt"] == "High resolution, 4k Traffic scene. Pedestrians walking."
     assert (first["width"], first["height"], first["guidance_scale"], first["adapter_scale"]) == (1280, 720, 7.5, 0.8)
-    assert first["negative_prompt"] == "blurry, low quality, distortion" and first["steps"] == 4
+    assert first["negative_prompt"] == "blurry, low quality, distortion" and first["steps"] == 2
     assert first["adapter"].endswith("checkpoint-2")
     # a second run is the next generation batch
     (tmp_path / "config" / "lora_infer.yaml").write_text(SOURCE2_YAML.format(base=tiny_sdxl).replace(

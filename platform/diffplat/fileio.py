@@ -39,6 +39,16 @@ def swap_in(ready: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy of a large dataset where the file system
+    allows it), else a copy; whatever was at `dst` is replaced."""
+    Path(dst).unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ DETECTION_CLASSES = (
 )  # fmt: skip
 
 # 2018 names -> the det_20 names above.
-_CATEGORY_ALIASES = {"person": "pedestrian", "bike": "bicycle", "motor": "motorcycle"}
+CATEGORY_ALIASES = {"person": "pedestrian", "bike": "bicycle", "motor": "motorcycle"}
 # Categories in the 2018 files that are not objects to count.
 _NOT_OBJECTS = {"drivable area", "lane", "area/drivable", "area/alternative", "area/unknown"}
 
@@ -91,7 +91,7 @@ def parse_frame(record: dict, where: str = "") -> FrameLabels:
         category = obj.get("category") if isinstance(obj, dict) else None
         if not isinstance(category, str):
             raise LabelError(f"{name}: an object has no `category`")
-        category = _CATEGORY_ALIASES.get(category, category)
+        category = CATEGORY_ALIASES.get(category, category)
         if category in _NOT_OBJECTS:
             continue
         if category not in DETECTION_CLASSES:

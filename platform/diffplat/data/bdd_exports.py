@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from diffplat.data.bdd import DETECTION_CLASSES
-from diffplat.fileio import replace_dir, write_text_atomic
+from diffplat.fileio import link_or_copy, replace_dir, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,6 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:  # no second copy of 100,000 images where the file system allows a hard link
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def write_source4_exports(out: Path, items: list[Labelled]) -> None:
     with replace_dir(out / "captions") as tmp:
         for item in items:
@@ -75,7 +66,7 @@ def write_source4_exports(out: Path, items: list[Labelled]) -> None:
         for sub in ("images/train", "labels/train"):
             (tmp / sub).mkdir(parents=True)
         for item in labelled:
-            _link_or_copy(item.image, tmp / "images/train" / item.image.name)
+            link_or_copy(item.image, tmp / "images/train" / item.image.name)
             (tmp / "labels/train" / f"{item.image.stem}.txt").write_text(yolo_lines(item))
         # no `path:`: ultralytics reads the lists against this file's folder, wherever it is run
         names = dict(enumerate(DETECTION_CLASSES))

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffplat.config import CompositeSource
 from diffplat.data import bdd

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from PIL import Image
 
 from diffplat.console import Ticker
 from diffplat.data.shards import read_shard_meta, write_shard
-from diffplat.fileio import swap_in, write_json_atomic
+from diffplat.fileio import link_or_copy, swap_in, write_json_atomic
 
 log = logging.getLogger("diffplat")
 
@@ -152,14 +151,6 @@ class Built:
         return sum(len(s["rows"]) for s in self.shards)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _run(todo: list[dict], task: Callable, use_ray: bool):
     """Each plan's result as it finishes: Ray Data tasks inside a job, this process otherwise."""
     if not use_ray or not todo:
@@ -208,7 +199,7 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
             if meta is not None and meta["inputs"] == plan["inputs"] and all(
                     now.get(f) == h for f, h in meta.get("depends_on", {}).items()):  # fmt: skip
                 if place != staging:
-                    _link_or_copy(place / plan["file"], staging / plan["file"])
+                    link_or_copy(place / plan["file"], staging / plan["file"])
                 size = (staging / plan["file"]).stat().st_size
                 results[plan["shard"]] = {"shard": plan["shard"], "file": plan["file"], "bytes": size, **meta}
                 break

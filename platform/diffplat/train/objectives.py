@@ -16,7 +16,7 @@ import torch
 
 from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
-from diffplat.models.loading import DTYPES, SDXLParts, load_encoders, load_sdxl_parts
+from diffplat.models.loading import DTYPES, load_encoders, load_sdxl_parts
 from diffplat.models.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
 from diffplat.models.text import encode_prompts
 
