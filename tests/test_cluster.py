@@ -69,9 +69,14 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `diffplat` is this environment's
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # Ray 2.60's default: token authentication on for `ray start`
+    # Every port of its own: the agents' defaults (52365, ...) are taken while this session's Ray runs,
+    # and a head whose job agent cannot bind answers every submission "no available agent".
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port",
+                                                     "ray-client-server-port", "node-manager-port", "object-manager-port")]  # fmt: skip
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                            "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+                            "--temp-dir", str(temp_dir), "--disable-usage-stats", *ports],
                            env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     try:
         assert start.returncode == 0, start.stderr[-3000:]
@@ -96,7 +101,7 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
                          "max_images": 2, "resolution": [32, 32], "num_inference_steps": 2, "output": "generations"},
         }))  # fmt: skip
         # the README's command, as written there
-        for attempt in range(20):  # a head just started takes a few seconds to take jobs
+        for attempt in range(10):  # a head just started takes a few seconds to take jobs
             submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                                      "--working-dir", ".", "--", "diffplat", "run", str(job), "--workdir", str(work),
                                      "--set", "ray.address=auto"],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,7 +44,8 @@ def test_demo_writes_every_stage(demo):
     lines = (stdout + stderr).strip().splitlines()
     ours = [line for line in lines if line.startswith("[diffplat]")] + stdout.strip().splitlines()
     assert len(ours) <= 55, "\n".join(ours)
-    assert sum("stage " in line and ": starting" in line for line in lines) == 12
+    # counted in the text, not per line: a line forwarded from a worker can land inside another
+    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 12
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
     assert not [line for line in lines if any(n in line for n in noise)]
 
