@@ -12,11 +12,11 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from train_step import timed_steps  # bench/ is on the path when a script here runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,15 +31,6 @@ def batch(n: int, width: int, height: int) -> dict:
         "crop_top_left": np.zeros((n, 2), dtype=np.int64),
         "layout": np.array([""] * n, dtype=object),
     }
-
-
-def timed_steps(step, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
