@@ -3,7 +3,7 @@
 A wrong `base_model` found inside a Ray actor is a 350-line traceback minutes into a run; found
 here it is one line naming the field and the value, in well under a second. A path that an
 earlier stage of the same job writes (the shards of `prepare`, the folder of `cache`, the adapter
-of `train`, the images of `generate`) is not checked: it is not there yet.
+of `train`, the images of `generate`, the kept set of `filter`) is not checked: it is not there yet.
 """
 
 from __future__ import annotations
@@ -108,9 +108,12 @@ class Preflight:
 
 def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
     """Whether a path lies in what the job's own stages write (prepare's output folder, the cache,
-    train's adapter, generate's images), so later stages may name it before it exists."""
+    train's adapter, generate's images, filter's dataset), so later stages may name it before it
+    exists."""
     stages = (config.prepare, config.cache, config.train, config.generate)
     outputs = [resolve(stage.output) for stage in stages if stage]
+    if config.filter:  # its labels, gallery and kept dataset go into the images folder
+        outputs.append(resolve(config.filter.images))
 
     outputs = [out.resolve() for out in outputs]
 
@@ -195,5 +198,20 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
             check.file("filter.model", f.model)
         if not made(f.images):
             check.folder("filter.images", f.images)
+    e = config.evaluate
+    if e is not None:
+        for field, value in (("evaluate.real", e.real), ("evaluate.val", e.val)):
+            if isinstance(value, str):
+                if not made(value):
+                    check.file_or_folder(field, value)
+            else:
+                check.folder(f"{field}.images", value.images)
+                for i, label in enumerate(value.labels):
+                    check.file_or_folder(f"{field}.labels[{i}]", label)
+        for name, value in e.synthetic.items():
+            if not made(value):
+                check.file_or_folder(f"evaluate.synthetic.{name}", value)
+        if not e.detector.model.endswith((".yaml", ".yml")):
+            check.file("evaluate.detector.model", e.detector.model)
     if check.problems:
         raise PreflightError("\n".join(check.problems))

@@ -180,7 +180,30 @@ def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     return {k: v for k, v in report.items() if k != "per_image"}
 
 
-STAGE_RUNNERS = {"prepare": _prepare, "cache": _cache, "train": _train, "generate": _generate, "filter": _filter}
+def _evaluate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
+    from diffplat.evaluate.stage import run_evaluate
+
+    c = config.evaluate
+    report = run_evaluate(c, work.path)
+    out = work.path(c.output)
+    tags = tracking.run_tags(config)
+    for v in report["variants"]:  # one nested run per variant: the runs table compares them
+        params = {"train_images": v["train_images"], "seeds": v["seeds"], "weights": [r["weights"] for r in v["runs"]]}
+        with tracking.stage_run("evaluate", params, tags, variant=v["name"]):
+            metrics = {m: v[m] for m in ("map50", "map50_95", "precision", "recall")}
+            metrics.update({f"delta_{m}": d for m, d in v.get("delta", {}).items() if m != "per_class"})
+            metrics.update({f"{m}/{c}": per[m] for c, per in v["per_class"].items() for m in ("map50", "map50_95")})
+            tracking.log_metrics({re.sub(r"[^\w.\-/ ]+", "_", k): x for k, x in metrics.items()})
+        tracking.log_metrics({f"{v['name']}/{m}": v[m] for m in ("map50", "map50_95")})
+    for name in ("report.json", "report.txt", "comparison.png"):
+        tracking.log_artifacts(out / name)
+    best = max(report["variants"], key=lambda v: v["map50_95"])
+    return {"report": str(out / "report.json"), "variants": len(report["variants"]), "best": best["name"],
+            **{f"{v['name']}/map50_95": v["map50_95"] for v in report["variants"]}}  # fmt: skip
+
+
+STAGE_RUNNERS = {"prepare": _prepare, "cache": _cache, "train": _train, "generate": _generate, "filter": _filter,
+                 "evaluate": _evaluate}  # fmt: skip
 assert tuple(STAGE_RUNNERS) == STAGES
 
 

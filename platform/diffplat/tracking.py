@@ -98,17 +98,21 @@ def job_run(config: JobConfig, workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A run nested in the current job run, for one stage, named `<job>/<stage>` and tagged
-    like its job, so the runs table can be filtered and compared by stage across jobs."""
+def stage_run(stage: str, params: dict, tags: dict[str, str] | None = None, variant: str | None = None) -> Iterator[str]:
+    """A run nested in the current run, for one stage (or one `variant` inside a stage's run),
+    named `<job>/<stage>[/<variant>]` and tagged like its job, so the runs table can be filtered
+    and compared by stage across jobs."""
     import mlflow
 
     parent = mlflow.active_run()
     # Without experiment_id a nested run lands in the "Default" experiment, not its parent's.
     experiment_id = parent.info.experiment_id if parent else None
     name = f"{tags['diffplat.job']}/{stage}" if tags else stage
+    extra = {"diffplat.stage": stage}
+    if variant is not None:
+        name, extra["diffplat.variant"] = f"{name}/{variant}", variant
     with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id) as run:
-        mlflow.set_tags({**(tags or {}), "diffplat.stage": stage})
+        mlflow.set_tags({**(tags or {}), **extra})
         mlflow.log_params(flatten(params))
         yield run.info.run_id
 

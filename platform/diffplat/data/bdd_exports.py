@@ -6,6 +6,8 @@
     yolo/                                    a BDD -> YOLO detection dataset: images/train, labels/train
                                              (10 classes, normalised boxes), data.yaml, for training the
                                              filter's detector on real frames
+
+and a BDD split as a YOLO set for the evaluate stage (`bdd_split_to_yolo`).
 """
 
 from __future__ import annotations
@@ -61,14 +63,52 @@ def write_source4_exports(out: Path, items: list[Labelled]) -> None:
     write_text_atomic(out / "bdd_hf_dataset_controlnet_train.csv",
                       _csv(["image", "conditioning_image", "text"],
                            [[str(i.image), str(i.mask), i.caption] for i in items if i.mask]))  # fmt: skip
-    labelled = [i for i in items if i.boxes]
-    with replace_dir(out / "yolo") as tmp:
-        for sub in ("images/train", "labels/train"):
+    write_yolo(out / "yolo", [i for i in items if i.boxes])
+
+
+def write_yolo(folder: Path, items: list[Labelled], split: str = "train") -> None:
+    """A YOLO detection set of `items` (images linked, one label file each, an empty one for an
+    image with no boxes), replacing `folder` whole."""
+    with replace_dir(folder) as tmp:
+        for sub in (f"images/{split}", f"labels/{split}"):
             (tmp / sub).mkdir(parents=True)
-        for item in labelled:
-            link_or_copy(item.image, tmp / "images/train" / item.image.name)
-            (tmp / "labels/train" / f"{item.image.stem}.txt").write_text(yolo_lines(item))
+        for item in items:
+            link_or_copy(item.image, tmp / f"images/{split}" / item.image.name)
+            (tmp / f"labels/{split}" / f"{item.image.stem}.txt").write_text(yolo_lines(item))
         # no `path:`: ultralytics reads the lists against this file's folder, wherever it is run
         names = dict(enumerate(DETECTION_CLASSES))
-        (tmp / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/train", "names": names},
-                                                      sort_keys=False))  # fmt: skip
+        (tmp / "data.yaml").write_text(yaml.safe_dump({"train": f"images/{split}", "val": f"images/{split}",
+                                                       "names": names}, sort_keys=False))  # fmt: skip
+
+
+def bdd_split_to_yolo(images: Path, label_files: list[Path], folder: Path, split: str = "train") -> dict:
+    """A BDD split (images + label JSON) as a YOLO set in `folder`: every image that has a label
+    record, boxes or not (an image without objects is a real negative). Returns what was left out."""
+    from PIL import Image
+
+    from diffplat.data.bdd import load_label_file
+    from diffplat.pictures import list_images
+
+    frames, bad_records = {}, []
+    for path in label_files:
+        found, broken = load_label_file(path)
+        frames.update(found)
+        bad_records += broken
+    items, unlabelled, unreadable = [], [], []
+    for image in list_images(images):
+        frame = frames.get(image.name)
+        if frame is None:
+            unlabelled.append(image.name)
+            continue
+        try:
+            with Image.open(image) as im:
+                width, height = im.size
+        except Exception as err:  # noqa: BLE001 - any undecodable file is one skipped image
+            unreadable.append(f"{image.name}: {type(err).__name__}: {err}")
+            continue
+        items.append(Labelled(image, "", width, height, None, frame.boxes))
+    if not items:
+        raise ValueError(f"{images}: no image has a record in {', '.join(p.name for p in label_files)}")
+    write_yolo(folder, items, split)
+    return {"images": len(items), "boxes": sum(len(i.boxes) for i in items), "no_label_record": len(unlabelled),
+            "unreadable": unreadable, "bad_label_records": bad_records}  # fmt: skip

@@ -264,16 +264,18 @@ class Mixed:
 
 
 def mix(real_train: YoloSet, synthetic: Sequence[tuple[YoloSet, float]], out_folder: str | Path, seed: int,
-        by: str = "ratio", *, drop_unmapped: bool = False, val: str | Path | None = None) -> Mixed:  # fmt: skip
+        by: str = "ratio", *, drop_unmapped: bool = False, val: str | Path | Sequence[str | Path] | None = None) -> Mixed:  # fmt: skip
     """Write a YOLO dataset of `real_train`'s training images plus, from each synthetic set, a
     seeded choice of images: `share` x the real image count (by="ratio") or `share` images
-    (by="count"). `val` (default: real_train's `val:`) is the real validation folder; none of its
+    (by="count"). `val` (default: real_train's `val:`) is the real validation folder(s); none of its
     pictures may be in the training images. The folder is replaced whole, or not at all."""
     if by not in ("ratio", "count"):
         raise ValueError(f"mix: by must be 'ratio' or 'count', got {by!r}")
     out = Path(out_folder).resolve()
     real = real_train.samples("train")
-    val_folders = (Path(val).resolve(),) if val is not None else real_train.splits.get("val")
+    if isinstance(val, (str, Path)):
+        val = [val]
+    val_folders = tuple(Path(v).resolve() for v in val) if val is not None else real_train.splits.get("val")
     if not val_folders:
         raise ValueError(f"{real_train.name}: {real_train.data_yaml} has no `val:`; give the real validation folder (val=...)")
     for folder in val_folders:
@@ -385,5 +387,5 @@ def mix(real_train: YoloSet, synthetic: Sequence[tuple[YoloSet, float]], out_fol
             "val": val_value, "synthetic": record_sets, "files": files,
         }  # fmt: skip
         (tmp / "mix.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("mix: %s: %d real + %d synthetic training images", out.name, len(real), sum(images.values()) - len(real))
+    log.debug("mix: %s: %d real + %d synthetic training images", out, len(real), sum(images.values()) - len(real))
     return Mixed(out, out / "data.yaml", images, dropped)

@@ -29,20 +29,27 @@ from diffplat.pictures import list_images
 log = logging.getLogger("diffplat")
 
 
-def load_detector(model: str):
-    """A YOLO model from a weights file, or built from a yaml that ships in ultralytics."""
-    # ultralytics switches on integrations for installed packages (it would start an MLflow run
-    # of its own and Ray Tune callbacks): this stage logs through diffplat's tracking only.
+def setup_ultralytics() -> None:
+    """ultralytics quiet and on its own, before it is first used in a process."""
     os.environ.setdefault("YOLO_VERBOSE", "False")
     from PIL import Image
-    from ultralytics import YOLO, settings
+    from ultralytics import settings
     from ultralytics.utils import patches
 
     # ultralytics replaces PIL's Image.open process-wide with one that, on bytes PIL cannot
     # identify, pip-installs pi-heif (a download at run time) and raises ModuleNotFoundError
     # offline, so a corrupt image elsewhere in this process would no longer be a clean skip.
     Image.open = patches._image_open
+    # ultralytics switches on integrations for installed packages (it would start an MLflow run
+    # of its own and Ray Tune callbacks): diffplat logs through its own tracking only.
     settings.update({"mlflow": False, "raytune": False, "sync": False, "tensorboard": False, "wandb": False})
+
+
+def load_detector(model: str):
+    """A YOLO model from a weights file, or built from a yaml that ships in ultralytics."""
+    setup_ultralytics()
+    from ultralytics import YOLO
+
     if not model.endswith((".yaml", ".yml")):
         if not Path(model).is_file():
             raise FileNotFoundError(f"filter.model: {model} is not a file (give a YOLO weights file or a model yaml)")

@@ -1,0 +1,179 @@
+"""The `evaluate` stage: does the synthetic data make a better detector?
+
+The driver reads the sets, writes one mix per variant and seed (real-only, and real + each
+`mixes` entry), then trains and validates every one as a parallel Ray task (one GPU each on a
+cluster). It writes, under `output`:
+
+    sets/real, sets/val          BDD splits made YOLO sets (when given as BDD)
+    variants/<name>/seed-<s>/    data/ (the mix, mix.json), train/ (ultralytics' run, weights/last.pt),
+                                 result.json (the validation metrics, and the key of what made them)
+    report.json                  every variant's mAP50 / mAP50-95, overall and per class, vs real-only
+    report.txt, comparison.png   the table printed at the end; the chart
+
+A rerun reuses a variant whose mix, detector settings and seed are unchanged (its result.json),
+so a stopped evaluation trains only what is missing. The output folder must be on storage every
+node sees (as prepare's shards are), since the tasks read the mixes and write weights there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from diffplat.config import REAL_VARIANT, BddSplit, DetectionSet, EvaluateConfig
+from diffplat.console import Ticker
+from diffplat.evaluate.detector import epochs_done, train_and_validate
+from diffplat.evaluate.mixing import YoloSet, class_map, list_samples, mix
+from diffplat.evaluate.report import build_report, chart, table
+from diffplat.fileio import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("diffplat")
+
+
+def _load_set(value: DetectionSet, field: str, name: str, folder: Path, split: str, resolve: Callable[[str], Path]) -> YoloSet:
+    """A YOLO set as given, or a BDD split written as one into `folder`."""
+    if isinstance(value, BddSplit):
+        from diffplat.data.bdd_exports import bdd_split_to_yolo
+
+        made = bdd_split_to_yolo(resolve(value.images), [resolve(p) for p in value.labels], folder, split)
+        left_out = made["no_label_record"] + len(made["unreadable"])
+        log.info("evaluate: %s: %d BDD images with %d boxes%s", field, made["images"], made["boxes"],
+                 f" ({left_out} without a label record or unreadable, left out)" if left_out else "")  # fmt: skip
+        return YoloSet.load(folder / "data.yaml", name=name)
+    return YoloSet.load(resolve(value), name=name)
+
+
+def _val_folders(val: YoloSet, real: YoloSet) -> tuple[Path, ...]:
+    """The validation set's `val:` folders (else its `train:`), once its classes are the real set's."""
+    mapping = class_map(val, real)  # raises, listing both sets' names, if a class has no match
+    if len(val.names) != len(real.names) or any(s != t for s, t in mapping.items()):
+        raise ValueError(f"evaluate.val: its class ids {list(val.names.values())} are not the real set's "
+                         f"{list(real.names.values())}; a validation set must use the real set's ids")  # fmt: skip
+    return val.splits.get("val") or val.splits["train"]
+
+
+def _check_train_args(config: EvaluateConfig) -> None:
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    unknown = sorted(set(config.detector.train_args) - set(DEFAULT_CFG_DICT))
+    if unknown:
+        raise ValueError(f"evaluate.detector.train_args: {unknown} are not ultralytics train arguments")
+
+
+def _warm_label_cache(val_folders: tuple[Path, ...], names: dict[int, str]) -> None:
+    """ultralytics' label cache of the validation images, written once here: the variants would
+    otherwise all write the same cache file at once."""
+    from ultralytics.data.dataset import YOLODataset
+
+    from diffplat.filter.yolo import setup_ultralytics
+
+    setup_ultralytics()
+    paths = [str(f) for f in val_folders]
+    YOLODataset(img_path=paths[0] if len(paths) == 1 else paths, data={"names": names, "channels": 3},
+                task="detect", augment=False)  # fmt: skip
+
+
+def _key(mix_json: Path, detector: dict, seed: int) -> str:
+    """What a variant's result depends on: its mix (every file and its labels' source), the
+    detector settings and the seed."""
+    record = json.loads(mix_json.read_text())
+    blob = json.dumps({"mix": record, "detector": detector, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reusable(folder: Path, key: str) -> dict | None:
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("key") == key and Path(result.get("weights", "")).is_file():
+        return result
+    return None
+
+
+def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict:
+    """Train and validate every variant; returns report.json's content (also written)."""
+    import ray
+
+    out = resolve(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    detector = config.detector.model_dump(mode="json")
+    if not config.detector.model.endswith((".yaml", ".yml")):
+        detector["model"] = str(resolve(config.detector.model))
+        if not Path(detector["model"]).is_file():
+            raise FileNotFoundError(f"evaluate.detector.model: {config.detector.model} is not a file "
+                                    f"(give YOLO weights or a model yaml that ships in ultralytics)")  # fmt: skip
+    _check_train_args(config)
+    real = _load_set(config.real, "evaluate.real", REAL_VARIANT, out / "sets/real", "train", resolve)
+    val_set = _load_set(config.val, "evaluate.val", "val", out / "sets/val", "val", resolve)
+    val_folders = _val_folders(val_set, real)
+    val_images = len(list_samples(val_folders, "evaluate.val"))
+    synthetic = {name: YoloSet.load(resolve(path), name=name) for name, path in config.synthetic.items()}
+    for s in synthetic.values():  # before anything is written: an empty set, classes with no match
+        s.samples("train")
+        class_map(s, real, drop_unmapped=config.drop_unmapped)
+
+    # Every variant's mix, per seed (the seed picks the synthetic images and seeds the training).
+    variants = [(REAL_VARIANT, {})] + [(m.name, m.add) for m in config.mixes]
+    jobs, train_images = [], {}
+    for name, add in variants:
+        for seed in config.seeds:
+            folder = out / "variants" / name / f"seed-{seed}"
+            mixed = mix(real, [(synthetic[s], share) for s, share in add.items()], folder / "data", seed, config.by,
+                        drop_unmapped=config.drop_unmapped, val=val_folders)  # fmt: skip
+            train_images[name] = mixed.images
+            jobs.append((name, seed, folder, mixed.data_yaml, _key(folder / "data/mix.json", detector, seed)))
+    _warm_label_cache(val_folders, real.names)
+
+    remote = ray.remote(num_cpus=config.cpus_per_variant, num_gpus=config.gpus_per_variant)(train_and_validate)
+    results: dict[tuple[str, int], dict] = {}
+    pending = {}
+    for name, seed, folder, data_yaml, key in jobs:
+        done = _reusable(folder, key)
+        if done is not None:
+            results[(name, seed)] = done
+            log.info("evaluate: %s seed %d: unchanged since its last run, reused (mAP50 %.3f)", name, seed, done["map50"])
+            continue
+        pending[remote.remote(str(data_yaml), str(folder), detector, seed)] = (name, seed, folder, key)
+    log.info("evaluate: %d variants x %d seeds on %d real validation images: %d to train (%s, %d epochs, imgsz %d)",
+             len(variants), len(config.seeds), val_images, len(pending), config.detector.model, config.detector.epochs,
+             config.detector.imgsz)  # fmt: skip
+    failed, ticker = {}, Ticker()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        for ref in ready:
+            name, seed, folder, key = pending.pop(ref)
+            try:
+                result = {**ray.get(ref), "key": key}
+            except Exception as err:  # noqa: BLE001 - one variant's failure is reported, the rest go on
+                failed[f"{name} seed {seed}"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+                log.error("evaluate: %s seed %d failed: %s", name, seed, failed[f"{name} seed {seed}"])
+                continue
+            write_json_atomic(folder / "result.json", result)
+            results[(name, seed)] = result
+            log.info("evaluate: %s seed %d: mAP50 %.3f, mAP50-95 %.3f (%.0f s)", name, seed, result["map50"],
+                     result["map50_95"], result["seconds"])  # fmt: skip
+        if pending and ticker.due():
+            running = ", ".join(f"{n} seed {s} {epochs_done(f)}/{config.detector.epochs}"
+                                for n, s, f, _ in pending.values())  # fmt: skip
+            log.info("evaluate: %d of %d trained; epochs: %s", len(results), len(jobs), running)
+
+    report = build_report(
+        [{"name": n, "train_images": train_images[n], "runs": [results[(n, s)] for s in config.seeds if (n, s) in results]}
+         for n, _ in variants if any((n, s) in results for s in config.seeds)],
+        {"images": val_images, "folders": [str(f) for f in val_folders]}, detector)  # fmt: skip
+    report["failed"] = failed
+    write_json_atomic(out / "report.json", report)
+    if report["variants"]:
+        text = table(report)
+        write_text_atomic(out / "report.txt", text + "\n")
+        chart(report, out / "comparison.png")
+        log.info("evaluate: on %d real validation images (%s, %d epochs, imgsz %d, seeds %s):\n%s", val_images,
+                 config.detector.model, config.detector.epochs, config.detector.imgsz, config.seeds, text)  # fmt: skip
+    if failed:
+        raise RuntimeError("evaluate: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) +
+                           f" (the others are in {out / 'report.json'}; a rerun trains only what is missing)")  # fmt: skip
+    return report
