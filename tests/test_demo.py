@@ -36,19 +36,31 @@ def test_demo_writes_every_stage(demo):
     assert report["images"] == 6
     prep = json.loads((out / "data" / "prepare_report.json").read_text())
     assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
-    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "lora", "ic_lora", "controlnet"):
+    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "evaluate", "lora", "ic_lora", "controlnet"):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
-    # one screen: diffplat's lines and summary (61 lines in all in a quiet run; Ray's own C++ and
+    # one screen: diffplat's lines and summary (about 72 lines in all in a quiet run, 10 of them the
+    # evaluate stage's table, which is not counted here; Ray's own C++ and
     # thread warnings still get through, more of them on a loaded machine), the other libraries kept out
     lines = (stdout + stderr).strip().splitlines()
     summary = stdout[stdout.index("diffplat demo: done"):].strip().splitlines()
     ours = [line for line in lines if line.startswith("[diffplat]")] + summary
-    assert len(ours) <= 55, "\n".join(ours)
+    assert len(ours) <= 60, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
-    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 11  # lora 5, ic_lora 3, controlnet 3
+    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 12  # lora 6, ic_lora 3, controlnet 3
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
     assert not [line for line in lines if any(n in line for n in noise)]
+
+
+def test_demo_evaluate_leg(demo):
+    """Real-only against real + 4 kept generations, on held-out synthetic BDD frames."""
+    out, stdout, _ = demo
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["real", "real+kept"] and not report["failed"]
+    assert report["variants"][1]["train_images"] == {"real": 20, "kept": 4}
+    assert report["val"]["images"] == 7  # 8 drawn, one of them a mask without a label record
+    assert (out / "evaluation" / "comparison.png").is_file() and (out / "evaluation" / "report.txt").is_file()
+    assert "the numbers mean nothing at this size" in stdout
 
 
 def test_demo_ic_lora_leg(demo):
@@ -76,7 +88,11 @@ def test_demo_records_one_run_per_stage(demo):
     parent = jobs["demo"].info.run_id
     by_name = {r.data.tags["diffplat.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {s: r.info.run_name for s, r in by_name.items()} == {s: f"demo/{s}" for s in
-                                                                ("prepare", "cache", "train", "generate", "filter")}  # fmt: skip
+                                                                ("prepare", "cache", "train", "generate", "filter", "evaluate")}  # fmt: skip
+    # the evaluate stage: one run per variant inside its own, and the chart
+    variants = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == by_name["evaluate"].info.run_id}
+    assert variants == {"demo/evaluate/real", "demo/evaluate/real+kept"}
+    assert "comparison.png" in [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)]
     by_name["demo"] = jobs["demo"]
     # what the runs table compares jobs by, on the job run and on each stage's
     for run in (jobs["demo"], by_name["train"]):

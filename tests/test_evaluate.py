@@ -189,3 +189,15 @@ def test_a_bdd_split_becomes_a_yolo_set(bdd_dir, tmp_path):
     assert made["images"] == len(samples) == records
     assert made["no_label_record"] + len(made["unreadable"]) == len(list((bdd_dir / "images").iterdir())) - records
     assert data.names[2] == "car" and all(s.label is not None for s in samples)
+
+
+def test_shipped_evaluate_jobs_name_real_ultralytics_arguments():
+    from test_config import SHIPPED
+
+    from diffplat.config import load_config
+    from diffplat.evaluate.stage import check_train_args
+
+    configs = [c for c in map(load_config, SHIPPED) if c.evaluate]
+    assert {c.name for c in configs} >= {"demo", "bdd-evaluate"}
+    for config in configs:
+        check_train_args(config.evaluate)

@@ -47,13 +47,18 @@ def test_every_kind_of_path_is_named(tmp_path, tiny_sdxl, monkeypatch):
                "max_train_steps": 1},
         generate={"base_model": str(tiny_sdxl), "lora": "model.pt", "prompts_file": "prompts.txt"},
         filter={"images": "elsewhere", "model": "weights/yolo.pt"},
+        evaluate={"real": "bdd-yolo", "val": {"images": "bdd/val", "labels": ["det_val.json"]},
+                  "synthetic": {"kept": "gens/dataset"}, "mixes": [{"name": "m", "add": {"kept": 1}}],
+                  "detector": {"model": "detectors/yolov8m.pt"}},
     )  # fmt: skip
     with pytest.raises(PreflightError) as err:
         _check(tmp_path, job)
     lines = str(err.value).splitlines()
     fields = [line.split(":")[0] for line in lines]
     assert fields == ["prepare.folder.images", "train.base_model", "train.vae", "train.data", "generate.lora",
-                      "generate.prompts_file", "filter.model", "filter.images"]  # fmt: skip
+                      "generate.prompts_file", "filter.model", "filter.images", "evaluate.real",
+                      "evaluate.val.images", "evaluate.val.labels[0]", "evaluate.synthetic.kept",
+                      "evaluate.detector.model"]  # fmt: skip
     assert "not-a-model has no model_index.json" in lines[1]
     assert "someorg/vae-not-cached" in lines[2] and "hub cache" in lines[2]
     assert "a pickled LoRA (.pt) is refused" in lines[4]
@@ -65,5 +70,7 @@ def test_what_an_earlier_stage_writes_is_not_checked(tmp_path, tiny_sdxl, bdd_di
         train={"base_model": str(tiny_sdxl), "data": "data/shards", "max_train_steps": 1, "output": "adapters/lora"},
         generate={"base_model": str(tiny_sdxl), "lora": "adapters/lora", "prompts": ["a road"], "output": "gen"},
         filter={"images": "gen"},
+        evaluate={"real": "data/yolo", "val": {"images": str(bdd_dir / "images"), "labels": [str(bdd_dir / "labels")]},
+                  "synthetic": {"kept": "gen/dataset"}, "mixes": [{"name": "m", "add": {"kept": 1}}]},
     )  # fmt: skip
-    _check(tmp_path, job)  # no error: shards, adapter and images come from the job itself
+    _check(tmp_path, job)  # no error: shards, adapter, images, YOLO sets come from the job itself

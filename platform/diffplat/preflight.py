@@ -110,11 +110,9 @@ def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
     """Whether a path lies in what the job's own stages write (prepare's output folder, the cache,
     train's adapter, generate's images, filter's dataset), so later stages may name it before it
     exists."""
-    stages = (config.prepare, config.cache, config.train, config.generate)
-    outputs = [resolve(stage.output) for stage in stages if stage]
-    if config.filter:  # its labels, gallery and kept dataset go into the images folder
-        outputs.append(resolve(config.filter.images))
-
+    outputs = [resolve(stage.output) for stage in (config.prepare, config.cache, config.train, config.generate) if stage]
+    if config.filter:
+        outputs.append(resolve(config.filter.images) / "dataset")  # the kept set it writes there
     outputs = [out.resolve() for out in outputs]
 
     def made(value: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,7 +96,7 @@ def _prepare(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     report = prepare(config.prepare, work.path)
     skipped = report["skipped"]
     tracking.log_metrics({"rows_written": report["rows_written"], "rows_skipped": sum(skipped.values()),
-                          **{"skipped/" + re.sub(r"[^\w.\- ]+", "_", reason): n for reason, n in skipped.items()}})  # fmt: skip
+                          **{"skipped/" + reason: n for reason, n in skipped.items()}})  # fmt: skip
     tracking.log_artifacts(work.path(config.prepare.output) / "prepare_report.json")
     return report
 
@@ -193,12 +192,13 @@ def _evaluate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
             metrics = {m: v[m] for m in ("map50", "map50_95", "precision", "recall")}
             metrics.update({f"delta_{m}": d for m, d in v.get("delta", {}).items() if m != "per_class"})
             metrics.update({f"{m}/{c}": per[m] for c, per in v["per_class"].items() for m in ("map50", "map50_95")})
-            tracking.log_metrics({re.sub(r"[^\w.\-/ ]+", "_", k): x for k, x in metrics.items()})
+            tracking.log_metrics(metrics)
         tracking.log_metrics({f"{v['name']}/{m}": v[m] for m in ("map50", "map50_95")})
     for name in ("report.json", "report.txt", "comparison.png"):
         tracking.log_artifacts(out / name)
     best = max(report["variants"], key=lambda v: v["map50_95"])
     return {"report": str(out / "report.json"), "variants": len(report["variants"]), "best": best["name"],
+            "val_images": report["val"]["images"],
             **{f"{v['name']}/map50_95": v["map50_95"] for v in report["variants"]}}  # fmt: skip
 
 

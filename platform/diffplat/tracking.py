@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -117,10 +118,15 @@ def stage_run(stage: str, params: dict, tags: dict[str, str] | None = None, vari
         yield run.info.run_id
 
 
+def metric_key(name: str) -> str:
+    """A name MLflow takes as a metric key (letters, digits, `_-. :/`): "real+kept/map50" -> "real_kept/map50"."""
+    return re.sub(r"[^\w.\-/: ]+", "_", name)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifacts(path: Path, artifact_path: str | None = None) -> None:

@@ -177,6 +177,13 @@ def class_map(source: YoloSet, target: YoloSet, *, drop_unmapped: bool = False,
     return mapping
 
 
+def unnamed_classes(mapping: dict[int, int | None], target: YoloSet) -> list[str]:
+    """The target's classes no source class maps to: such objects in the source's images are
+    unlabelled, background to a detector trained on them."""
+    named = {t for t in mapping.values() if t is not None}
+    return [n for i, n in target.names.items() if i not in named]
+
+
 def _class_id(token: str) -> int | None:
     try:
         value = float(token)  # ultralytics reads a label line as floats: "2" and "2.0" are class 2
@@ -324,13 +331,12 @@ def mix(real_train: YoloSet, synthetic: Sequence[tuple[YoloSet, float]], out_fol
             raise ValueError(f"{syn.name}: {asked} images asked for ({how}), only {len(chosen)} of the {len(pool)} "
                              f"it holds are not already in the mix")  # fmt: skip
         plan.append((syn, mapping, chosen))
-        named = {t for t in mapping.values() if t is not None}
         record_sets.append({
             "name": syn.name, "data_yaml": str(syn.data_yaml), "share": float(share), "asked": asked, "holds": len(pool),
             "passed_over_as_already_in": passed_over,
             "class_map": {syn.names[s]: (None if t is None else real_train.names[t]) for s, t in mapping.items()},
             # objects of these classes are in its pictures unlabelled, as background
-            "real_classes_it_does_not_name": [n for i, n in real_train.names.items() if i not in named],
+            "real_classes_it_does_not_name": unnamed_classes(mapping, real_train),
         })  # fmt: skip
 
     same = _SamePicture(val_images)
@@ -374,8 +380,7 @@ def mix(real_train: YoloSet, synthetic: Sequence[tuple[YoloSet, float]], out_fol
         for entry in record_sets:
             entry["dropped_boxes"] = dropped[entry["name"]]
             if entry["real_classes_it_does_not_name"]:
-                log.warning("mix: %s names none of %s: such objects in its images are unlabelled (background)",
-                            entry["name"], entry["real_classes_it_does_not_name"])  # fmt: skip
+                log.debug("mix: %s names none of %s", entry["name"], entry["real_classes_it_does_not_name"])
         val_value = str(val_folders[0]) if len(val_folders) == 1 else [str(f) for f in val_folders]
         # No `path:`: `train` is read against this file's folder, wherever the mix is moved; `val`
         # is absolute, the real validation images where they are (never copied into a mix).

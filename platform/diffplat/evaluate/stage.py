@@ -20,27 +20,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
 from diffplat.config import REAL_VARIANT, BddSplit, DetectionSet, EvaluateConfig
 from diffplat.console import Ticker
 from diffplat.evaluate.detector import epochs_done, train_and_validate
-from diffplat.evaluate.mixing import YoloSet, class_map, list_samples, mix
+from diffplat.evaluate.mixing import YoloSet, class_map, list_samples, mix, unnamed_classes
 from diffplat.evaluate.report import build_report, chart, table
 from diffplat.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("diffplat")
 
 
-def _load_set(value: DetectionSet, field: str, name: str, folder: Path, split: str, resolve: Callable[[str], Path]) -> YoloSet:
+def _load_set(value: DetectionSet, name: str, folder: Path, split: str, resolve: Callable[[str], Path]) -> YoloSet:
     """A YOLO set as given, or a BDD split written as one into `folder`."""
     if isinstance(value, BddSplit):
         from diffplat.data.bdd_exports import bdd_split_to_yolo
 
         made = bdd_split_to_yolo(resolve(value.images), [resolve(p) for p in value.labels], folder, split)
         left_out = made["no_label_record"] + len(made["unreadable"])
-        log.info("evaluate: %s: %d BDD images with %d boxes%s", field, made["images"], made["boxes"],
+        log.info("evaluate: %s: %d BDD images with %d boxes%s", name, made["images"], made["boxes"],
                  f" ({left_out} without a label record or unreadable, left out)" if left_out else "")  # fmt: skip
         return YoloSet.load(folder / "data.yaml", name=name)
     return YoloSet.load(resolve(value), name=name)
@@ -55,7 +56,7 @@ def _val_folders(val: YoloSet, real: YoloSet) -> tuple[Path, ...]:
     return val.splits.get("val") or val.splits["train"]
 
 
-def _check_train_args(config: EvaluateConfig) -> None:
+def check_train_args(config: EvaluateConfig) -> None:
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     unknown = sorted(set(config.detector.train_args) - set(DEFAULT_CFG_DICT))
@@ -106,15 +107,18 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
         if not Path(detector["model"]).is_file():
             raise FileNotFoundError(f"evaluate.detector.model: {config.detector.model} is not a file "
                                     f"(give YOLO weights or a model yaml that ships in ultralytics)")  # fmt: skip
-    _check_train_args(config)
-    real = _load_set(config.real, "evaluate.real", REAL_VARIANT, out / "sets/real", "train", resolve)
-    val_set = _load_set(config.val, "evaluate.val", "val", out / "sets/val", "val", resolve)
+    check_train_args(config)
+    real = _load_set(config.real, REAL_VARIANT, out / "sets/real", "train", resolve)
+    val_set = _load_set(config.val, "val", out / "sets/val", "val", resolve)
     val_folders = _val_folders(val_set, real)
     val_images = len(list_samples(val_folders, "evaluate.val"))
     synthetic = {name: YoloSet.load(resolve(path), name=name) for name, path in config.synthetic.items()}
     for s in synthetic.values():  # before anything is written: an empty set, classes with no match
         s.samples("train")
-        class_map(s, real, drop_unmapped=config.drop_unmapped)
+        unnamed = unnamed_classes(class_map(s, real, drop_unmapped=config.drop_unmapped), real)
+        if unnamed:
+            log.warning("evaluate: %s names none of %s: such objects in its images are unlabelled (background)",
+                        s.name, unnamed)  # fmt: skip
 
     # Every variant's mix, per seed (the seed picks the synthetic images and seeds the training).
     variants = [(REAL_VARIANT, {})] + [(m.name, m.add) for m in config.mixes]
@@ -128,7 +132,8 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
             jobs.append((name, seed, folder, mixed.data_yaml, _key(folder / "data/mix.json", detector, seed)))
     _warm_label_cache(val_folders, real.names)
 
-    remote = ray.remote(num_cpus=config.cpus_per_variant, num_gpus=config.gpus_per_variant)(train_and_validate)
+    # max_calls=1: a variant's process (ultralytics, its model, a GPU's memory) ends with it
+    remote = ray.remote(num_cpus=config.cpus_per_variant, num_gpus=config.gpus_per_variant, max_calls=1)(train_and_validate)
     results: dict[tuple[str, int], dict] = {}
     pending = {}
     for name, seed, folder, data_yaml, key in jobs:
@@ -154,8 +159,9 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
                 continue
             write_json_atomic(folder / "result.json", result)
             results[(name, seed)] = result
-            log.info("evaluate: %s seed %d: mAP50 %.3f, mAP50-95 %.3f (%.0f s)", name, seed, result["map50"],
-                     result["map50_95"], result["seconds"])  # fmt: skip
+            if time.perf_counter() - ticker.start >= ticker.seconds:  # long work: each variant as it ends
+                log.info("evaluate: %s seed %d: mAP50 %.3f, mAP50-95 %.3f (%.0f s)", name, seed, result["map50"],
+                         result["map50_95"], result["seconds"])  # fmt: skip
         if pending and ticker.due():
             running = ", ".join(f"{n} seed {s} {epochs_done(f)}/{config.detector.epochs}"
                                 for n, s, f, _ in pending.values())  # fmt: skip
