@@ -164,7 +164,7 @@ def test_unknown_train_args_are_named(sets, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"mixes": [{"name": "m", "add": {"nope": 1}}]}, r"adds \['nope'\], not among synthetic: \['kept'\]"),
-    ({"mixes": [{"name": "real", "add": {"kept": 1}}]}, "names must be unique and not 'real'"),
+    ({"mixes": [{"name": "real", "add": {"kept": 1}}]}, "names must be unique .* and not 'real'"),
     ({"by": "count", "mixes": [{"name": "m", "add": {"kept": 0.5}}]}, "whole numbers of images"),
     ({"seeds": [1, 1]}, "each seed once"),
     ({"detector": {"train_args": {"epochs": 3}}}, r"\['epochs'\] are set by the stage"),
@@ -203,3 +203,48 @@ def test_shipped_evaluate_jobs_name_real_ultralytics_arguments():
     assert {c.name for c in configs} >= {"demo", "bdd-evaluate"}
     for config in configs:
         check_train_args(config.evaluate)
+
+
+def _run(seed, map50, per_class=None):
+    per_class = per_class or {"car": {"map50": map50, "map50_95": map50 / 2, "instances": 3}}
+    return {"seed": seed, "map50": map50, "map50_95": map50 / 2, "precision": 0.5, "recall": 0.5, "per_class": per_class}
+
+
+def test_differences_pair_each_seed_with_the_same_seed_of_real_only():
+    from diffplat.evaluate.report import build_report, table
+
+    report = build_report([
+        {"name": "real", "train_images": {"real": 10}, "runs": [_run(0, 0.2), _run(1, 0.6)]},
+        # seed 0 failed for the mix: its difference is against real's seed 1 only, not real's mean
+        {"name": "real+kept", "train_images": {"real": 10, "kept": 5}, "runs": [_run(1, 0.7)]},
+    ], {"images": 4}, {})  # fmt: skip
+    real, mixed = report["variants"]
+    assert real["map50"] == pytest.approx(0.4) and real["map50_std"] == pytest.approx(0.2828, abs=1e-4)
+    assert mixed["delta"]["map50"] == pytest.approx(0.1) and mixed["delta"]["per_class"]["car"]["map50"] == pytest.approx(0.1)
+    assert "+0.100" in table(report) and "std over seeds" in table(report)
+
+
+def test_a_changed_label_or_validation_set_is_a_new_key(tmp_path):
+    from diffplat.evaluate.mixing import list_samples
+    from diffplat.evaluate.stage import _fingerprint, _key
+
+    root = draw_set(tmp_path / "s", 4, 0, ["car", "pedestrian"], {RED: 0, BLUE: 1})
+    train = root / "images/train"
+    detector = {"model": "yolov8n.yaml"}
+    first = _key(train, "val-1", detector, 0)
+    assert _key(train, "val-1", detector, 0) == first
+    assert _key(train, "val-2", detector, 0) != first and _key(train, "val-1", detector, 1) != first
+    label = root / "labels/train/000.txt"
+    label.write_text(label.read_text().replace("0 ", "1 ", 1))
+    assert _key(train, "val-1", detector, 0) != first
+    assert _fingerprint(list_samples([train], "s")) == _fingerprint(list_samples([train], "s"))
+
+
+@pytest.mark.parametrize("evaluate, message", [
+    ({"synthetic": {"kept+25": "k"}}, "synthetic.kept\\+25"),
+    ({"mixes": [{"name": "a+b", "add": {"kept": 1}}, {"name": "a_b", "add": {"kept": 2}}]}, "with \\+ read as _"),
+])  # fmt: skip
+def test_names_that_mlflow_would_refuse_or_merge_are_refused(evaluate, message):
+    data = {"real": "r", "val": "v", "synthetic": {"kept": "k"}, "mixes": [{"name": "m", "add": {"kept": 1}}], **evaluate}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"name": "e", "evaluate": data})

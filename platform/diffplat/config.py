@@ -534,6 +534,9 @@ class BddSplit(_Strict):
 DetectionSet = str | BddSplit
 
 
+SET_NAME = r"^[A-Za-z0-9][\w.-]*$"  # a synthetic set's name: a file-name prefix and an MLflow key as it is
+
+
 class MixSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*$", description="the variant's name in the report and MLflow")
     add: dict[str, float] = Field(min_length=1, description="synthetic set name -> share: x the real image "
@@ -554,7 +557,7 @@ class DetectorSettings(_Strict):
     imgsz: int = Field(640, gt=0)
     batch: int = Field(16, gt=0)
     workers: int = Field(2, ge=0, description="data loader processes per variant")
-    device: str | None = Field(None, description="None: the variant's GPU if it has one, else cpu")
+    device: str | None = Field(None, description="None: the GPU Ray gives the variant (gpus_per_variant), else cpu")
     train_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description=(
         "any other ultralytics train argument (lr0, mosaic, nbs, ...), checked against ultralytics' own list"))
 
@@ -573,8 +576,8 @@ class EvaluateConfig(_Strict):
 
     real: DetectionSet = Field(description="the real training set")
     val: DetectionSet = Field(description="the held-out real validation set (its val: split, else its train:)")
-    synthetic: dict[str, str] = Field(min_length=1, description="set name -> a YOLO set (data.yaml or its "
-                                      "folder), e.g. a filter run's <images>/dataset")  # fmt: skip
+    synthetic: dict[Annotated[str, Field(pattern=SET_NAME)], str] = Field(min_length=1, description=(
+        "set name -> a YOLO set (data.yaml or its folder), e.g. a filter run's <images>/dataset"))
     mixes: list[MixSpec] = Field(min_length=1, description="one variant each, beside the real-only one")
     by: Literal["ratio", "count"] = "ratio"
     drop_unmapped: bool = Field(False, description="drop boxes of synthetic classes the real set has no name for "
@@ -589,8 +592,10 @@ class EvaluateConfig(_Strict):
     @model_validator(mode="after")
     def _mixes_name_sets(self) -> "EvaluateConfig":
         names = [m.name for m in self.mixes]
-        if REAL_VARIANT in names or len(set(names)) < len(names):
-            raise ValueError(f"mixes: names must be unique and not {REAL_VARIANT!r} (the real-only variant), got {names}")
+        keys = [n.replace("+", "_") for n in names]  # as MLflow metric keys have them
+        if REAL_VARIANT in names or len(set(keys)) < len(keys):
+            raise ValueError(f"mixes: names must be unique (also with + read as _) and not {REAL_VARIANT!r} (the "
+                             f"real-only variant), got {names}")  # fmt: skip
         for i, m in enumerate(self.mixes):
             unknown = sorted(set(m.add) - set(self.synthetic))
             if unknown:

@@ -80,6 +80,11 @@ class Ticker:
         self.start = self.last = time.perf_counter()
         self.seconds = seconds
 
+    @property
+    def long(self) -> bool:
+        """This work has taken long enough to report its pieces as they end."""
+        return time.perf_counter() - self.start >= self.seconds
+
     def due(self, last_one: bool = False) -> bool:
         now = time.perf_counter()
         if now - self.last >= self.seconds or (last_one and now - self.start >= self.seconds):

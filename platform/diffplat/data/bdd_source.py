@@ -9,23 +9,14 @@ label record.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from diffplat.config import PrepareConfig
 from diffplat.data import bdd
-from diffplat.data.images import BadImage, read_image
+from diffplat.data.images import BadImage, png_bytes, read_image
 from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)  # a flat-colour map: 4x faster, as small
-    return buf.getvalue()
 
 
 def bdd_items(images: list[Path], frames: dict[str, bdd.FrameLabels], masks: Path | None, config: PrepareConfig) -> list[dict]:
@@ -65,7 +56,7 @@ def bdd_row(item: dict, prefix: str, max_pixels: int) -> dict:
     else:
         raise Skip("no caption source (no label record and no usable mask)", item["name"])
     return {"id": item["id"], "image": data, "caption": caption, "width": width, "height": height, "source": source,
-            "conditioning": _png(bdd.colorize_mask(mask)) if mask is not None else None, "warnings": warnings}  # fmt: skip
+            "conditioning": png_bytes(bdd.colorize_mask(mask), flat=True) if mask is not None else None, "warnings": warnings}  # fmt: skip
 
 
 def list_bdd(config: PrepareConfig, resolve) -> tuple[list[Path], dict[str, bdd.FrameLabels], list[str]]:

@@ -12,7 +12,6 @@ Panel texts come from same-named `.txt` files (or BDD labels) and are combined a
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 from diffplat.config import CompositeSource
 from diffplat.data import bdd
 from diffplat.data.composites import CompositeError, Layout, combine_captions, make_composite
-from diffplat.data.images import MAX_PIXELS, BadImage, read_image
+from diffplat.data.images import MAX_PIXELS, BadImage, png_bytes, read_image
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
@@ -66,12 +65,6 @@ def read_caption(image: Path) -> str:
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
     return read_image(path, max_pixels)[1]  # a full decode: verify() misses truncated files
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _windows(items: list, size: int, stride: int) -> Iterator[list]:
@@ -167,7 +160,7 @@ def composite_row(item: dict, c: CompositeSource, max_pixels: int = MAX_PIXELS) 
         raise Skip(str(err), item["name"]) from None
     composite = make_composite(panels, layout, c.panel_size)
     caption = combine_captions(item["texts"], c.tag, item["summary"])
-    return _row(item["id"], _png(composite), caption, layout, composite.size, f"composites:{c.groups}")
+    return _row(item["id"], png_bytes(composite), caption, layout, composite.size, f"composites:{c.groups}")
 
 
 def _row(row_id: str, data: bytes, caption: str, layout: Layout, size, source: str) -> dict:

@@ -19,6 +19,16 @@ class BadImage(OSError):
         self.reason = reason
 
 
+def png_bytes(image, flat: bool = False) -> bytes:
+    """A PIL image or an array as PNG; `flat` (a colour map, few colours): fast compression, 4x
+    faster and as small."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1 if flat else 6)
+    return buf.getvalue()
+
+
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
     """The file's bytes and the decoded RGB image (see decode_image)."""
     try:

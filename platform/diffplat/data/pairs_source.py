@@ -9,19 +9,17 @@ as the palette map the ControlNet sees.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
 from diffplat.data.folder_source import csv_rows
-from diffplat.data.images import MAX_PIXELS, BadImage, read_image
+from diffplat.data.images import MAX_PIXELS, BadImage, png_bytes, read_image
 from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
 
@@ -65,12 +63,6 @@ def _csv_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[tupl
             yield paths[0], paths[1], caption
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def pair_items(c: PairsSource, resolve: Callable, skips: Skips) -> list[dict]:
     """One work item per pair: image, map and caption (listed and matched on the driver)."""
     pairs = _csv_pairs(c, resolve, skips) if c.csv else _folder_pairs(c, resolve, skips)
@@ -90,7 +82,7 @@ def pair_row(item: dict, c: PairsSource, prefix: str, max_pixels: int = MAX_PIXE
         if c.segmentation:
             ids = bdd.read_mask(map_path, max_pixels)
             map_size = (ids.shape[1], ids.shape[0])
-            conditioning = _png(bdd.colorize_mask(ids))
+            conditioning = png_bytes(bdd.colorize_mask(ids), flat=True)
         else:
             conditioning, condition = read_image(map_path, max_pixels)
             map_size = condition.size

@@ -9,6 +9,7 @@ every variant is then compared on.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,13 +32,19 @@ def validation_metrics(results, names: dict[int, str]) -> dict:
             "recall": float(box.mr), "per_class": per_class}  # fmt: skip
 
 
+# train arguments that change what validation counts, passed to it too
+VAL_ARGS = ("iou", "max_det", "classes", "single_cls", "half", "agnostic_nms", "rect")
+
+
 def validate(weights: str | Path, data_yaml: str | Path, settings: DetectorSettings, device: str, folder: Path) -> dict:
     """The weights on data.yaml's `val:` images, as `yolo val` computes it."""
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
+    same = {k: v for k, v in settings.train_args.items() if k in VAL_ARGS}
     results = model.val(data=str(data_yaml), split="val", imgsz=settings.imgsz, batch=settings.batch, device=device,
-                        plots=False, project=str(folder), name="val", exist_ok=True)  # fmt: skip
+                        workers=settings.workers, plots=False, project=str(folder), name="val", exist_ok=True,
+                        **same)  # fmt: skip
     return validation_metrics(results, {int(k): str(v) for k, v in model.names.items()})
 
 
@@ -47,11 +54,14 @@ def train_and_validate(data_yaml: str, folder: str, detector: dict, seed: int) -
     from diffplat.filter.yolo import setup_ultralytics
 
     setup_ultralytics()
-    import torch
+    import ray
     from ultralytics import YOLO
 
     settings = DetectorSettings.model_validate(detector)
-    device = settings.device or ("0" if torch.cuda.is_available() else "cpu")
+    # Ray gives this task its GPU as device 0; a task given none must not take one it can see.
+    device = settings.device or ("0" if ray.get_gpu_ids() else "cpu")
+    for old in (TRAIN_FOLDER, "val"):  # ultralytics would append to an earlier run's results.csv
+        shutil.rmtree(Path(folder) / old, ignore_errors=True)
     started = time.time()
     YOLO(settings.model).train(
         data=data_yaml, epochs=settings.epochs, imgsz=settings.imgsz, batch=settings.batch, workers=settings.workers,

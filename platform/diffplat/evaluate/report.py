@@ -32,6 +32,21 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
+def _delta(runs: list[dict], real_runs: list[dict]) -> dict:
+    """The mean over seeds of (variant - real-only), each seed against the same seed: a seed that
+    failed on one side is left out of both."""
+    real = {r["seed"]: r for r in real_runs}
+    pairs = [(r, real[r["seed"]]) for r in runs if r["seed"] in real]
+    if not pairs:
+        return {}
+    delta = {m: _mean([r[m] - q[m] for r, q in pairs]) for m in METRICS}
+    classes = sorted({c for r, q in pairs for c in r["per_class"] if c in q["per_class"]})
+    delta["per_class"] = {c: {m: _mean([r["per_class"][c][m] - q["per_class"][c][m] for r, q in pairs
+                                        if c in r["per_class"] and c in q["per_class"]]) for m in METRICS}
+                          for c in classes}  # fmt: skip
+    return delta
+
+
 def build_report(variants: list[dict], val: dict, detector: dict) -> dict:
     """`variants`: name, train_images (set -> images), runs (validation metrics per seed), in
     order, the real-only one first."""
@@ -44,11 +59,8 @@ def build_report(variants: list[dict], val: dict, detector: dict) -> dict:
             real = row
         rows.append(row)
     for row in rows:
-        if real is None or row is real:
-            continue
-        row["delta"] = {m: row[m] - real[m] for m in METRICS}
-        row["delta"]["per_class"] = {c: {m: v[m] - real["per_class"][c][m] for m in METRICS}
-                                     for c, v in row["per_class"].items() if c in real["per_class"]}  # fmt: skip
+        if real is not None and row is not real:
+            row["delta"] = _delta(row["runs"], real["runs"])
     instances = {}
     for row in rows:
         for run in row["runs"]:

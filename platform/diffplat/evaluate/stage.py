@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
 from diffplat.config import REAL_VARIANT, BddSplit, DetectionSet, EvaluateConfig
 from diffplat.console import Ticker
 from diffplat.evaluate.detector import epochs_done, train_and_validate
-from diffplat.evaluate.mixing import YoloSet, class_map, list_samples, mix, unnamed_classes
+from diffplat.evaluate.mixing import Sample, YoloSet, class_map, list_samples, mix, unnamed_classes
 from diffplat.evaluate.report import build_report, chart, table
 from diffplat.fileio import write_json_atomic, write_text_atomic
 
@@ -41,8 +40,10 @@ def _load_set(value: DetectionSet, name: str, folder: Path, split: str, resolve:
 
         made = bdd_split_to_yolo(resolve(value.images), [resolve(p) for p in value.labels], folder, split)
         left_out = made["no_label_record"] + len(made["unreadable"])
-        log.info("evaluate: %s: %d BDD images with %d boxes%s", name, made["images"], made["boxes"],
-                 f" ({left_out} without a label record or unreadable, left out)" if left_out else "")  # fmt: skip
+        bad = len(made["bad_label_records"])
+        log.info("evaluate: %s: %d BDD images with %d boxes%s%s", name, made["images"], made["boxes"],
+                 f"; {left_out} without a label record or unreadable, left out" if left_out else "",
+                 f"; {bad} label records unusable, e.g. {made['bad_label_records'][0]}" if bad else "")  # fmt: skip
         return YoloSet.load(folder / "data.yaml", name=name)
     return YoloSet.load(resolve(value), name=name)
 
@@ -57,6 +58,9 @@ def _val_folders(val: YoloSet, real: YoloSet) -> tuple[Path, ...]:
 
 
 def check_train_args(config: EvaluateConfig) -> None:
+    from diffplat.filter.yolo import setup_ultralytics
+
+    setup_ultralytics()  # importing ultralytics changes PIL's Image.open process-wide; this puts it back
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     unknown = sorted(set(config.detector.train_args) - set(DEFAULT_CFG_DICT))
@@ -77,11 +81,25 @@ def _warm_label_cache(val_folders: tuple[Path, ...], names: dict[int, str]) -> N
                 task="detect", augment=False)  # fmt: skip
 
 
-def _key(mix_json: Path, detector: dict, seed: int) -> str:
-    """What a variant's result depends on: its mix (every file and its labels' source), the
-    detector settings and the seed."""
-    record = json.loads(mix_json.read_text())
-    blob = json.dumps({"mix": record, "detector": detector, "seed": seed}, sort_keys=True)
+def _fingerprint(samples: list[Sample]) -> str:
+    """A set's content as a detector sees it: every image's name, size and time (a mix links its
+    images, so they keep their source's), every label file's text (a mix writes its own)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        st = sample.image.stat()
+        digest.update(f"{sample.rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        digest.update(sample.label.read_bytes() if sample.label else b"(no labels)")
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _key(train: Path, val: str, detector: dict, seed: int) -> str:
+    """What a variant's result depends on: its training images and labels, the validation set,
+    the detector settings (and weights file) and the seed."""
+    model = Path(detector["model"])
+    weights = [model.stat().st_size, model.stat().st_mtime_ns] if model.is_file() else None
+    blob = json.dumps({"train": _fingerprint(list_samples([train], str(train))), "val": val, "detector": detector,
+                       "weights": weights, "seed": seed}, sort_keys=True)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -111,7 +129,8 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
     real = _load_set(config.real, REAL_VARIANT, out / "sets/real", "train", resolve)
     val_set = _load_set(config.val, "val", out / "sets/val", "val", resolve)
     val_folders = _val_folders(val_set, real)
-    val_images = len(list_samples(val_folders, "evaluate.val"))
+    val_samples = list_samples(val_folders, "evaluate.val")
+    val_images, val_key = len(val_samples), _fingerprint(val_samples)
     synthetic = {name: YoloSet.load(resolve(path), name=name) for name, path in config.synthetic.items()}
     for s in synthetic.values():  # before anything is written: an empty set, classes with no match
         s.samples("train")
@@ -129,9 +148,13 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
             mixed = mix(real, [(synthetic[s], share) for s, share in add.items()], folder / "data", seed, config.by,
                         drop_unmapped=config.drop_unmapped, val=val_folders)  # fmt: skip
             train_images[name] = mixed.images
-            jobs.append((name, seed, folder, mixed.data_yaml, _key(folder / "data/mix.json", detector, seed)))
+            key = _key(folder / "data/images/train", val_key, detector, seed)
+            jobs.append((name, seed, folder, mixed.data_yaml, key))
     _warm_label_cache(val_folders, real.names)
 
+    if config.gpus_per_variant and ray.cluster_resources().get("GPU", 0) < config.gpus_per_variant:
+        log.warning("evaluate: the cluster has no %s GPU free now; the variants wait for one (an autoscaler adds "
+                    "GPU nodes on demand)", config.gpus_per_variant)  # fmt: skip
     # max_calls=1: a variant's process (ultralytics, its model, a GPU's memory) ends with it
     remote = ray.remote(num_cpus=config.cpus_per_variant, num_gpus=config.gpus_per_variant, max_calls=1)(train_and_validate)
     results: dict[tuple[str, int], dict] = {}
@@ -154,12 +177,13 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
             try:
                 result = {**ray.get(ref), "key": key}
             except Exception as err:  # noqa: BLE001 - one variant's failure is reported, the rest go on
-                failed[f"{name} seed {seed}"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+                last_line = (str(err).strip().splitlines() or [""])[-1]  # Ray's traceback ends with the error
+                failed[f"{name} seed {seed}"] = f"{type(err).__name__}: {last_line}"
                 log.error("evaluate: %s seed %d failed: %s", name, seed, failed[f"{name} seed {seed}"])
                 continue
             write_json_atomic(folder / "result.json", result)
             results[(name, seed)] = result
-            if time.perf_counter() - ticker.start >= ticker.seconds:  # long work: each variant as it ends
+            if ticker.long:  # long work: each variant as it ends
                 log.info("evaluate: %s seed %d: mAP50 %.3f, mAP50-95 %.3f (%.0f s)", name, seed, result["map50"],
                          result["map50_95"], result["seconds"])  # fmt: skip
         if pending and ticker.due():
