@@ -40,17 +40,16 @@ def nearest_bucket(width: int, height: int, buckets: list[Size]) -> Size:
 def derive_buckets(sizes: Iterable[Size], area: int, step: int, max_buckets: int) -> tuple[list[Size], Counter]:
     """The buckets the most rows fall into (at most max_buckets), and how many rows each gets."""
     candidates = candidate_buckets(area, step)
-    counts = Counter(nearest_bucket(w, h, candidates) for w, h in sizes)
+    counts: Counter = Counter()
+    for (w, h), n in Counter(sizes).items():  # a million rows come in a few sizes: match each size once
+        counts[nearest_bucket(w, h, candidates)] += n
     kept = sorted((b for b, _ in counts.most_common(max_buckets)), key=lambda s: s[0] / s[1])
     if not kept:
         raise ValueError("no rows to derive aspect-ratio buckets from")
-    return kept, Counter(nearest_bucket(w, h, kept) for w, h in _expand(counts))
-
-
-def _expand(counts: Counter) -> Iterator[Size]:
-    for size, n in counts.items():
-        for _ in range(n):
-            yield size
+    rows: Counter = Counter()
+    for (w, h), n in counts.items():
+        rows[nearest_bucket(w, h, kept)] += n
+    return kept, rows
 
 
 def bucket_batches(blocks: Iterable[dict], batch_size: int, seed: int, shuffle_rows: int = 0) -> Iterator[dict]:
