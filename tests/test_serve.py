@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from diffplat.data import bdd
 from diffplat.data.composites import Layout, make_composite
+from diffplat.models.lora import INFO_NAME
 from helpers import make_lora
 
 pytestmark = pytest.mark.timeout(600)
@@ -46,6 +48,10 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     make_lora(tiny_sdxl, work / "adapters" / "red", seed=1)
     make_lora(tiny_sdxl, work / "adapters" / "blue", seed=2)
     make_lora(tiny_sdxl_inpaint, work / "adapters" / "panels", seed=3)
+    # red's weights, trained (its adapter_info.json says) to predict velocity on the epsilon base
+    shutil.copytree(work / "adapters" / "red", work / "adapters" / "red-vpred")
+    info = work / "adapters" / "red-vpred" / INFO_NAME
+    info.write_text(json.dumps({**json.loads(info.read_text()), "prediction_type": "v_prediction"}))
     import mlflow
 
     # the "red" adapter also logged to an MLflow store, as a training run logs its adapter
@@ -84,7 +90,7 @@ def test_health_docs_and_routes(server):
     url, http, *_ = server
     health = http.get(f"{url}/healthz").json()
     assert health["status"] == "ok" and health["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
-    assert health["adapters"] == ["blue", "panels", "red"]
+    assert health["adapters"] == ["blue", "panels", "red", "red-vpred"]
     assert requests.get(f"{url}/docs").status_code == 200
     paths = requests.get(f"{url}/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/ic-lora", "/v1/controlnet", "/v1/detect", "/healthz"} <= set(paths)
@@ -132,6 +138,22 @@ def test_adapters_switch_and_evict(server):
     from_mlflow = http.post(f"{url}/v1/generate", json={**body, "adapter": f"runs:/{run_id}/adapter"})
     assert from_mlflow.status_code == 200, from_mlflow.text
     assert np.array_equal(_image(from_mlflow.json()["images"][0]), red)
+
+
+def test_an_adapter_samples_with_the_prediction_type_it_learnt(server, tiny_sdxl):
+    """As the bulk jobs do (models/loading.match_prediction_type): same weights as red, another
+    image; the base model's sampler is back for the next request without an adapter."""
+    from diffplat.models.loading import load_pipeline
+
+    url, http, work, _ = server
+    body = {"prompt": "a road", "num_inference_steps": 3, "seed": 5}
+    base = _image(http.post(f"{url}/v1/generate", json=body).json()["images"][0])
+    red = _image(http.post(f"{url}/v1/generate", json={**body, "adapter": "red"}).json()["images"][0])
+    vpred = _image(http.post(f"{url}/v1/generate", json={**body, "adapter": "red-vpred"}).json()["images"][0])
+    assert np.abs(vpred - red).max() > 0
+    assert np.array_equal(_image(http.post(f"{url}/v1/generate", json=body).json()["images"][0]), base)
+    bulk = load_pipeline(str(tiny_sdxl), lora=str(work / "adapters" / "red-vpred"))
+    assert bulk.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_ic_lora_fills_named_panels_only(server):

@@ -124,8 +124,14 @@ SCHEDULERS = {
 
 def set_scheduler(pipe, name: str) -> None:
     """Swap the sampler, keeping the model's noise schedule."""
-    if name == "default":
-        return
+    if name != "default":
+        pipe.scheduler = scheduler_like(pipe.scheduler, name)
+
+
+def scheduler_like(base, name: str = "default", prediction_type: str | None = None):
+    """A sampler with `base`'s noise schedule: `name` ("default": base's own kind), predicting
+    `prediction_type` (None: what base predicts)."""
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    kind = type(base) if name == "default" else getattr(diffusers, SCHEDULERS[name])
+    return kind.from_config(base.config, **({"prediction_type": prediction_type} if prediction_type else {}))

@@ -14,7 +14,7 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from diffplat.models.lora import WEIGHTS_NAME
+from diffplat.models.lora import WEIGHTS_NAME, adapter_info
 
 log = logging.getLogger("diffplat")
 
@@ -50,6 +50,7 @@ class AdapterCache:
     def __init__(self, pipe, registry: str | None, capacity: int, tracking_uri: str | None = None):
         self.pipe, self.registry, self.capacity, self.tracking_uri = pipe, registry, capacity, tracking_uri
         self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
+        self.learnt: dict[str, str | None] = {}  # request name -> the prediction_type it was trained with
         self.loads = self.evictions = 0
         self._downloads = Path(tempfile.mkdtemp(prefix="diffplat-adapters-"))
 
@@ -71,25 +72,31 @@ class AdapterCache:
         check_name(name, self.registry)
         return Path(self.registry) / name
 
-    def activate(self, name: str | None, scale: float = 1.0) -> None:
-        """Make `name` the pipeline's only active adapter at `scale` (None: the base model)."""
+    def activate(self, name: str | None, scale: float = 1.0) -> str | None:
+        """Make `name` the pipeline's only active adapter at `scale` (None: the base model).
+        Returns the prediction_type it was trained with (v_prediction on an epsilon base), which
+        the sampler must then use; None: the base's own."""
         if name is None:
             if self.loaded:
                 self.pipe.disable_lora()
-            return
+            return None
         if name not in self.loaded:
             while len(self.loaded) >= self.capacity:
                 old, internal = self.loaded.popitem(last=False)
+                self.learnt.pop(old, None)
                 self.pipe.delete_adapters(internal)
                 self.evictions += 1
                 log.info("serve: evicted adapter %s", old)
             internal = f"a{self.loads}"
-            self.pipe.load_lora_weights(str(self._folder(name)), weight_name=WEIGHTS_NAME, adapter_name=internal)
+            folder = self._folder(name)
+            self.pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME, adapter_name=internal)
             self.loaded[name] = internal
+            self.learnt[name] = adapter_info(str(folder)).get("prediction_type")
             self.loads += 1
         self.loaded.move_to_end(name)
         self.pipe.enable_lora()
         self.pipe.set_adapters([self.loaded[name]], adapter_weights=[scale])
+        return self.learnt[name]
 
     def stats(self) -> dict:
         return {"loaded": list(self.loaded), "loads": self.loads, "evictions": self.evictions}

@@ -37,6 +37,19 @@ class _Replica:
         self.broken: str | None = None
         self.requests = 0
 
+    def _use_scheduler(self, name: str, prediction_type: str | None) -> None:
+        """Sample with `name` ("default": the pipeline's own), predicting what the active adapter
+        learnt (None: the base's); each kind made once per replica."""
+        from diffplat.models.loading import scheduler_like
+
+        if not hasattr(self, "_schedulers"):
+            self._base_scheduler, self._schedulers = self.pipe.scheduler, {}
+        key = (name, prediction_type)
+        if key not in self._schedulers:
+            same = name == "default" and prediction_type in (None, self._base_scheduler.config.prediction_type)
+            self._schedulers[key] = self._base_scheduler if same else scheduler_like(self._base_scheduler, name, prediction_type)
+        self.pipe.scheduler = self._schedulers[key]
+
     def _generator(self, seed: int):
         import torch
 
@@ -67,20 +80,9 @@ class Generator(_Replica):
         s = self.settings
         self.pipe = load_pipeline(s.base_model, s.vae, s.variant, DTYPES[s.dtype]).to(self.device)
         self.adapters = AdapterCache(self.pipe, s.adapters, s.max_loaded_adapters, s.tracking_uri)
-        self.schedulers = {"default": self.pipe.scheduler}
         self.batch_sizes: list[int] = []
         self.generate.set_max_batch_size(s.batching.max_batch_size if s.batching.enabled else 1)
         self.generate.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
-
-    def _scheduler(self, name: str):
-        if name not in self.schedulers:
-            import diffusers
-
-            from diffplat.models.loading import SCHEDULERS
-
-            base = self.schedulers["default"].config
-            self.schedulers[name] = getattr(diffusers, SCHEDULERS[name]).from_config(base)
-        return self.schedulers[name]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def generate(self, jobs: list[dict]) -> list[dict]:
@@ -101,8 +103,8 @@ class Generator(_Replica):
                 seeds += jobs[i]["seeds"]
             start = time.perf_counter()
             try:
-                self.adapters.activate(first["adapter"], first["adapter_scale"])
-                self.pipe.scheduler = self._scheduler(first["scheduler"])
+                learnt = self.adapters.activate(first["adapter"], first["adapter_scale"])
+                self._use_scheduler(first["scheduler"], learnt)
                 images = self.pipe(
                     prompt=prompts, negative_prompt=[first["negative_prompt"]] * len(prompts) if first["negative_prompt"] else None,
                     width=first["width"], height=first["height"], num_inference_steps=first["num_inference_steps"],
@@ -144,7 +146,7 @@ class PanelFiller(_Replica):
 
         start = time.perf_counter()
         try:
-            self.adapters.activate(job["adapter"], job["adapter_scale"])
+            self._use_scheduler("default", self.adapters.activate(job["adapter"], job["adapter_scale"]))
             fills = fill_panels(self.pipe, job["image"], job["prompt"], job["seeds"], FillOptions(**job["options"]))
         except Exception as err:
             self._guard(err)
@@ -173,7 +175,7 @@ class MapGenerator(_Replica):
         start = time.perf_counter()
         n = len(job["seeds"])
         try:
-            self.adapters.activate(job["adapter"], job["adapter_scale"])
+            self._use_scheduler("default", self.adapters.activate(job["adapter"], job["adapter_scale"]))
             images = self.pipe(
                 prompt=[job["prompt"]] * n, negative_prompt=[job["negative_prompt"]] * n if job["negative_prompt"] else None,
                 image=job["map"], controlnet_conditioning_scale=job["conditioning_scale"], width=job["width"],
