@@ -164,3 +164,15 @@ def test_kept_dataset_trains_in_ultralytics_from_another_folder_after_a_move(ima
                                          device="cpu", plots=False, project=str(tmp_path / "runs"), name="t",
                                          exist_ok=True, verbose=False)  # fmt: skip
     assert (tmp_path / "runs" / "t" / "weights" / "last.pt").is_file() and results is not None
+
+
+def test_two_images_with_one_base_name_keep_their_own_labels(tmp_path, local_ray):
+    """x.jpg and x.png would share labels/x.txt: the second (in name order) is left out, named."""
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("x.jpg", "x.png", "y.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+    report = run_filter(FilterConfig(imgsz=64, save_annotated=False), tmp_path, "yolov8n.yaml")
+    assert report["images"] == 3 and report["rejection_reasons"]["same base name as another image"] == 1
+    assert report["per_image"]["x.png"]["reasons"][0].startswith("same base name as x.jpg")
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["x.txt", "y.txt"]

@@ -163,3 +163,27 @@ def test_a_bulk_run_killed_midway_goes_on_where_it_stopped(tmp_path, tiny_sdxl):
     job.write_text(job.read_text().replace("num_inference_steps: 2", "num_inference_steps: 3"))
     third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
     assert third.returncode != 0 and "holds images of another generation (it differs in num_inference_steps)" in third.stderr
+
+
+def test_inputs_that_would_share_an_output_name_are_skipped_and_named(tmp_path):
+    """a.png and a.jpg (or a map and its BDD-named twin) would write the same images: the second is
+    left out, named, instead of replacing the first one's images."""
+    from diffplat.config import GenerateConfig
+    from diffplat.infer.controlnet import map_requests
+    from diffplat.infer.generate import fill_requests
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a.png", "a.jpg", "b_train_id.png", "b.png", "c.png"):
+        Image.new("RGB", (16, 16)).save(folder / name)
+    fills = GenerateConfig(base_model="m", kind="ic_lora", prompts=["p"], num_generations=2,
+                           ic_lora={"inputs": str(folder)})  # fmt: skip
+    rows, skipped = fill_requests(fills)
+    assert sorted(r["name"] for r in rows) == ["a_0.png", "a_1.png", "b_0.png", "b_1.png", "b_train_id_0.png",
+                                               "b_train_id_1.png", "c_0.png", "c_1.png"]  # fmt: skip
+    assert len(skipped) == 1 and skipped[0].startswith("a.png: its images would be named like those of a.jpg")
+    maps = GenerateConfig(base_model="m", kind="controlnet", prompts=["p"],
+                          controlnet={"model": "cn", "maps": str(folder)})  # fmt: skip
+    rows, skipped = map_requests(maps, folder, None, [])
+    assert sorted(r["name"] for r in rows) == ["a.png", "b.png", "c.png"]
+    assert [s.split(":")[0] for s in skipped] == ["a.png", "b_train_id.png"]

@@ -146,7 +146,17 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
     if not images:
         raise FileNotFoundError(f"filter: no images in {folder / 'images'}")
     names = {int(k): str(v) for k, v in load_detector(model_path).names.items()}  # the detector's own classes
-    ds = ray.data.from_items([{"path": str(p)} for p in images]).map_batches(
+    per_image, entries, reasons, class_counts, errors = {}, [], Counter(), Counter(), []
+    first_of: dict[str, Path] = {}
+    for path in images:  # a.png and a.jpg would share labels/a.txt: the second is left out, named
+        if path.stem in first_of:
+            why = f"same base name as {first_of[path.stem].name} (one labels/{path.stem}.txt for both); rename one"
+            per_image[path.name] = {"kept": False, "reasons": [why], "detections": 0, "classes": {}}
+            reasons["same base name as another image"] += 1
+            errors.append(f"{path.name}: {why}")
+        else:
+            first_of[path.stem] = path
+    ds = ray.data.from_items([{"path": str(p)} for p in first_of.values()]).map_batches(
         Detector,
         fn_constructor_args=(model_path, config.model_dump(mode="json")),
         batch_size=config.batch_size,
@@ -155,7 +165,6 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     )
-    per_image, entries, reasons, class_counts, errors = {}, [], Counter(), Counter(), []
     ticker = Ticker()
     with replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir:
         for n, row in enumerate(ds.iter_rows(), 1):
@@ -178,7 +187,7 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
             entries.append({"file_name": path.name, "width": int(row["width"]), "height": int(row["height"]),
                             "detections": seen, "kept": keep})  # fmt: skip
             reasons.update(why)
-            if ticker.due(last_one=n == len(images)):
+            if ticker.due(last_one=n == len(first_of)):
                 log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
     kept = [e for e in entries if e["kept"]]
     write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from diffplat.config import GenerateConfig
+from diffplat.infer.output import add_input_rows
 
 
 def map_requests(config: GenerateConfig, maps: Path, captions: Path | None, bdd_labels: list[Path]) -> tuple[list[dict], list[str]]:
@@ -28,7 +29,7 @@ def map_requests(config: GenerateConfig, maps: Path, captions: Path | None, bdd_
     for path in bdd_labels:
         found, _ = bdd.load_label_file(path)
         frames.update({Path(name).stem: frame for name, frame in found.items()})
-    rows, skipped = [], []
+    rows, skipped, named = [], [], {}
     for path in list_images(maps):
         stem = map_stem(path)
         prompt = None
@@ -44,10 +45,7 @@ def map_requests(config: GenerateConfig, maps: Path, captions: Path | None, bdd_
         if prompt is None:
             skipped.append(f"{path.name}: no prompt (no caption, no label record, no generate.prompts)")
             continue
-        for g in range(config.num_generations):
-            index = len(rows)
-            name = f"{stem}.png" if config.num_generations == 1 else f"{stem}_{g}.png"
-            rows.append({"index": index, "prompt": prompt, "seed": config.seed + index, "input": str(path), "name": name})
+        add_input_rows(rows, config, path, stem, prompt, named, skipped)
     return rows, skipped
 
 

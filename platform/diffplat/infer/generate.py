@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diffplat.config import GenerateConfig
 from diffplat.console import Ticker
+from diffplat.infer.output import add_input_rows
 
 log = logging.getLogger("diffplat")
 
@@ -71,7 +72,7 @@ def fill_requests(config: GenerateConfig) -> tuple[list[dict], list[str]]:
     inputs = Path(config.ic_lora.inputs)
     if not inputs.is_dir():
         raise FileNotFoundError(f"generate.ic_lora.inputs: {inputs} is not a folder")
-    rows, skipped = [], []
+    rows, skipped, named = [], [], {}
     for path in list_images(inputs):
         try:
             prompt = read_caption(path)
@@ -80,10 +81,7 @@ def fill_requests(config: GenerateConfig) -> tuple[list[dict], list[str]]:
                 skipped.append(f"{path.name}: no prompt ({err}, and no generate.prompts)")
                 continue
             prompt = config.prompts[0]
-        for g in range(config.num_generations):
-            index = len(rows)
-            name = f"{path.stem}.png" if config.num_generations == 1 else f"{path.stem}_{g}.png"
-            rows.append({"index": index, "prompt": prompt, "seed": config.seed + index, "input": str(path), "name": name})
+        add_input_rows(rows, config, path, path.stem, prompt, named, skipped)
     return rows, skipped
 
 

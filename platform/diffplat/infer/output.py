@@ -25,6 +25,22 @@ METADATA, SETTINGS, COCO_IMAGES = "metadata.jsonl", "generation.json", "coco_ima
 NOT_IN_THE_IMAGES = {"max_images", "replicas", "gpus_per_replica", "cpus_per_replica", "batch_size", "output", "overwrite"}
 
 
+def add_input_rows(rows: list[dict], config: GenerateConfig, path: Path, stem: str, prompt: str,
+                   named: dict[str, Path], skipped: list[str]) -> None:  # fmt: skip
+    """`num_generations` rows for one input (a composite, a map), its images named after `stem`.
+    An input whose stem an earlier one has (`a.png` and `a.jpg`) is skipped and named: its images
+    would replace the other's."""
+    if stem in named:
+        skipped.append(f"{path.name}: its images would be named like those of {named[stem].name} ({stem}*.png); "
+                       f"rename one")  # fmt: skip
+        return
+    named[stem] = path
+    for g in range(config.num_generations):
+        index = len(rows)
+        name = f"{stem}.png" if config.num_generations == 1 else f"{stem}_{g}.png"
+        rows.append({"index": index, "prompt": prompt, "seed": config.seed + index, "input": str(path), "name": name})
+
+
 def settings_of(config: GenerateConfig) -> dict:
     return config.model_dump(mode="json", exclude=NOT_IN_THE_IMAGES)
 
