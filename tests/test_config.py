@@ -77,3 +77,18 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config_with_safe_defaults():
     assert all("RAY_AUTH_MODE=token" in c for c in raw["worker_start_ray_commands"] if "ray start" in c)
     gpu_groups = [t for t in raw["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_groups and all(t["min_workers"] == 0 < t["max_workers"] for t in gpu_groups)  # autoscaled
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such job file"),
+    ("a: [1,\n", "not valid YAML at line 2, column 1: expected the node content"),
+    ("- a list\n", "must be a YAML mapping, got list"),
+    (b"\xff\xfe name: x", "not UTF-8"),
+])  # fmt: skip
+def test_a_file_that_is_not_a_job_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "job.yaml"
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path)) and len(str(err.value).splitlines()) == 1

@@ -655,17 +655,29 @@ def parse_config(data: dict, source: str = "<config>") -> JobConfig:
         raise ConfigError(f"{source}: invalid job config\n" + "\n".join(problems)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str = "job file") -> dict:
+    """A YAML file that holds a mapping (a job, a Serve config, source 2's inference YAML); a
+    missing file, bad YAML or another shape is one ConfigError naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: no such {what}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a {what} is YAML") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a job YAML; `overrides` are `dotted.key=value` strings (value parsed as YAML)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job file must be a mapping of sections, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     for item in overrides or []:
         apply_override(data, item, path)
     return parse_config(data, str(path))

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
-from diffplat.config import ConfigError, JobConfig, apply_override, parse_config
+from diffplat.config import ConfigError, JobConfig, apply_override, parse_config, read_yaml_mapping
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 # Source 2's inference YAML, key by key (SOURCES.md, section 2); `num_inference_steps`,
@@ -40,14 +38,7 @@ def _job(generate: dict, name: str, overrides: list[str], source: str) -> JobCon
 def infer_config_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Source 2's `--infer_config` YAML -> a job whose generate stage writes into infer_path."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--infer_config: {path} is not a file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--infer_config: {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--infer_config: {path} is not a YAML mapping")
+    data = read_yaml_mapping(path, "inference YAML (--infer_config)")
     unknown = sorted(set(data) - SOURCE2_KEYS) + sorted(f"paths.{k}" for k in set(data.get("paths") or {}) - SOURCE2_PATHS)
     if unknown:
         raise ConfigError(f"--infer_config: {path} has keys source 2's inference YAML does not: {', '.join(unknown)}")

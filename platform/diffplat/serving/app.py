@@ -292,15 +292,10 @@ def build_app(args: dict, overrides: dict | None = None, workdir: str | Path | N
 def read_serve_config(path: str | Path) -> tuple[dict, dict, dict]:
     """(args, deployment overrides by name, http options) of the first application of a Serve
     config file (the format `serve deploy` takes)."""
-    import yaml
+    from diffplat.config import ConfigError, read_yaml_mapping
 
-    from diffplat.config import ConfigError
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such serve config") from None
-    apps = (raw or {}).get("applications") or []
+    raw = read_yaml_mapping(path, "serve config")
+    apps = raw.get("applications") or []
     if not apps or "args" not in apps[0]:
         raise ConfigError(f"{path}: expected `applications:` with an `args:` section (a Ray Serve config)")
     app = apps[0]
