@@ -189,6 +189,9 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
             reasons.update(why)
             if ticker.due(last_one=n == len(first_of)):
                 log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
+    # Replicas answer in any order: sorted by name, COCO ids and the report are the same every run.
+    entries.sort(key=lambda e: e["file_name"])
+    per_image = dict(sorted(per_image.items()))
     kept = [e for e in entries if e["kept"]]
     write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))
     with replace_dir(folder / "dataset") as tmp:
