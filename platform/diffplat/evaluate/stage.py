@@ -10,8 +10,9 @@ cluster). It writes, under `output`:
     report.json                  every variant's mAP50 / mAP50-95, overall and per class, vs real-only
     report.txt, comparison.png   the table printed at the end; the chart
 
-A rerun reuses a variant whose mix, detector settings and seed are unchanged (its result.json),
-so a stopped evaluation trains only what is missing. The output folder must be on storage every
+A rerun reuses a variant (its result.json) whose training images (name, size, time), labels
+(text), validation set, detector settings and weights file, and seed are unchanged, so a stopped
+evaluation trains only what is missing. The output folder must be on storage every
 node sees (as prepare's shards are), since the tasks read the mixes and write weights there.
 """
 
