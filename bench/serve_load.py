@@ -72,7 +72,7 @@ def main() -> None:
 
     from diffplat.models.loading import load_pipeline
     from diffplat.models.tiny import write_tiny_model
-    from diffplat.serving.app import build_app
+    from diffplat.serving.app import compose, resolve_settings
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "tiny-sdxl", "sdxl")
@@ -87,7 +87,7 @@ def main() -> None:
             settings = {"base_model": str(model), "detector": None, "api_key_env": None,
                         "default_resolution": [SIZE, SIZE],
                         "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": args.wait}}  # fmt: skip
-            serve.run(build_app(settings, one_replica), name="bench", route_prefix="/")
+            serve.run(compose(resolve_settings(settings), one_replica), name="bench", route_prefix="/")
             load(url, 1, 3)  # warm up
 
         rows, mean_batch = {}, {}

@@ -42,7 +42,7 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     from diffusers import ControlNetModel, UNet2DConditionModel
     from ray import serve
 
-    from diffplat.serving.app import build_app
+    from diffplat.serving.app import compose, resolve_settings
 
     work = tmp_path_factory.mktemp("serve")
     make_lora(tiny_sdxl, work / "adapters" / "red", seed=1)
@@ -74,7 +74,7 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     os.environ["DIFFPLAT_TEST_KEY"] = KEY  # read where the app is built: only its hash reaches the replicas
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args, overrides, workdir=work), name="diffplat-test", route_prefix="/")
+    serve.run(compose(resolve_settings(args, work), overrides), name="diffplat-test", route_prefix="/")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {KEY}"
     yield f"http://127.0.0.1:{port}", session, work, run.info.run_id

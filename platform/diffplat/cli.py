@@ -150,12 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
             import_command(args.flags, args.out)
         elif args.command in ("infer", "generate"):
+            from diffplat.cluster import cluster_gpus
             from diffplat.infer.commands import generate_job, infer_config_job
-            from diffplat.runner import run_job
+            from diffplat.runner import ray_session, run_job
 
-            job = (infer_config_job(args.infer_config, args.overrides) if args.command == "infer"
-                   else generate_job(args, args.overrides))  # fmt: skip
-            result = run_job(job, ".")
+            if args.command == "infer":
+                job = infer_config_job(args.infer_config, args.overrides)
+            else:
+                job = generate_job(args, args.overrides, gpus=0)  # its ray section, to find the cluster
+            with ray_session(job.ray):
+                if args.command == "generate":  # "every GPU" means the cluster's, known once Ray is up
+                    job = generate_job(args, args.overrides, gpus=cluster_gpus())
+                result = run_job(job, ".")
             done = result.outputs["generate"]
             print(f"{done['images']} images in {done['folder']}")
         elif args.command == "mlflow":

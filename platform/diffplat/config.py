@@ -44,9 +44,9 @@ class TrackingConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    # None starts a Ray inside this process; "auto" joins the cluster this job was submitted to.
-    address: str | None = None
-    num_cpus: int | None = None
+    address: str | None = Field(None, description="a cluster to join; unset: the one RAY_ADDRESS names (as `ray job "
+                                "submit` sets it), else a Ray of this process's own (cluster.py)")  # fmt: skip
+    num_cpus: int | None = Field(None, description="CPUs of a Ray of this process's own; a cluster's are its own")
     dashboard: bool = False
     verbose: bool = Field(False, description="show the other libraries' logs, warnings and progress bars here too "
                           "(they are always in Ray's session log files)")  # fmt: skip

@@ -61,26 +61,20 @@ def _session_dir() -> str:
 
 @contextmanager
 def ray_session(config: RayConfig) -> Iterator[None]:
-    """Join the configured cluster, or start a local Ray for this process and stop it after."""
+    """Join the job's cluster (cluster.py's rule), or start a Ray of this process's own; leave it after."""
     import ray
     import ray.data
 
     from diffplat import console
+    from diffplat.cluster import init_options
 
     console.setup(config.verbose)
     if ray.is_initialized():
         _quiet_ray_data(config.verbose)
         yield
         return
-    # "local": a Ray of this process's own, even where a cluster already runs on the machine
-    # (without it, ray.init joins that cluster and refuses num_cpus).
-    kwargs = {"address": config.address} if config.address else {
-        "address": "local",
-        "num_cpus": config.num_cpus,
-        "include_dashboard": config.dashboard,
-        "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
-    }  # fmt: skip
-    ray.init(**kwargs, log_to_driver=True, **console.ray_init_options(config.verbose))
+    ray.init(**init_options(config.address, config.num_cpus, config.dashboard), log_to_driver=True,
+             **console.ray_init_options(config.verbose))
     if not config.verbose:
         log.info("other libraries' output: %s/logs (--verbose shows it here)", _session_dir())
     _quiet_ray_data(config.verbose)

@@ -6,7 +6,8 @@ A cache folder holds
                              (`proportion_empty_prompts`) swaps them in
   cache_info.json            what made the rows (base_model, vae, variant, resolution, center_crop,
                              random_flip, seed, max_token_length), the dtype and shapes of the
-                             arrays, the VAE's scaling factor, the row count
+                             arrays, the VAE's scaling factor, the row count, and each shard's
+                             rows and the Ray node that wrote it (replicas write their own shards)
 
 A row is what ToTrainingArrays makes of a shard row (the same crop and flip: both come from the
 seed and the row's id), encoded: the VAE's latent distribution as mean and std (training draws
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from diffplat.cluster import record_bytes
 from diffplat.config import CacheConfig, ConfigError, TrainConfig
 from diffplat.console import Ticker
 from diffplat.fileio import replace_dir, write_json_atomic
@@ -251,17 +253,15 @@ class Encoder:
         return facts, empty
 
 
-def _describe(config: dict) -> tuple[dict, dict]:
-    return Encoder(config).describe()
-
-
-def write_cache_meta(folder: Path, config: CacheConfig, facts: dict, empty: dict, rows: int) -> dict:
-    """cache_info.json and empty_prompt.safetensors into `folder`."""
+def write_cache_meta(folder: Path, config: CacheConfig, facts: dict, empty: dict, rows: int,
+                     shards: list[dict] | None = None) -> dict:  # fmt: skip
+    """cache_info.json and empty_prompt.safetensors into `folder`; `shards`: each file's rows and
+    the Ray node that wrote it."""
     from safetensors.torch import save_file
 
     spec = config.model_dump(mode="json")
     info = {**{k: spec[k] for k in MADE_BY}, "conditioning": config.conditioning, "dtype": config.dtype, **facts,
-            "tokens_per_window": TOKENS, "rows": rows, "data": config.data}  # fmt: skip
+            "tokens_per_window": TOKENS, "rows": rows, "data": config.data, "shards": shards or []}  # fmt: skip
     save_file(empty, str(Path(folder) / EMPTY_PROMPT))
     write_json_atomic(Path(folder) / CACHE_INFO, info)
     return info
@@ -288,13 +288,14 @@ def rows_table(batch: dict) -> pa.Table:
 
 
 class _ShardWriter:
-    """Tables in, shard-NNNNN.parquet files of rows_per_shard rows out (the folder is swapped in
-    whole afterwards, so files need no atomic writes of their own)."""
+    """Tables in, Parquet files of rows_per_shard rows out, named `<prefix>-NNNNN.parquet` (the
+    folder is swapped in whole afterwards, so files need no atomic writes of their own)."""
 
-    def __init__(self, folder: Path, rows_per_shard: int):
-        self.folder, self.size = folder, rows_per_shard
+    def __init__(self, folder: Path, rows_per_shard: int, prefix: str):
+        self.folder, self.size, self.prefix = folder, rows_per_shard, prefix
         self.pending: list[pa.Table] = []
-        self.rows = self.files = 0
+        self.rows = 0
+        self.written: list[dict] = []  # {file, rows, bytes} of each file written
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -307,14 +308,45 @@ class _ShardWriter:
 
         table = pa.concat_tables(self.pending)
         count = table.num_rows if count is None else count
-        pq.write_table(table.slice(0, count), self.folder / f"shard-{self.files:05d}.parquet")
-        self.files += 1
+        path = self.folder / f"{self.prefix}-{len(self.written):05d}.parquet"
+        pq.write_table(table.slice(0, count), path)
+        self.written.append({"file": path.name, "rows": count, "bytes": path.stat().st_size})
         rest = table.slice(count)
         self.pending = [rest] if rest.num_rows else []
 
     def close(self) -> None:
         if self.pending:
             self._flush()
+
+
+class CacheReplica:
+    """One replica of the cache stage (a Ray actor, a GPU each where there are): encodes its
+    share of the rows (one stream of Ray Data's split) and writes them as shards itself, into
+    the stage's folder on storage every node sees. The driver gets back file names and counts."""
+
+    def __init__(self, config: dict, folder: str, rank: int):
+        self.encoder = Encoder(config)
+        c = self.encoder.config
+        self.writer = _ShardWriter(Path(folder), c.rows_per_shard, prefix=f"part-{rank:03d}")
+
+    def run(self, rows) -> list[dict]:
+        """Encode and write every batch of the stream `rows`; the files written, each with the node that wrote it."""
+        import ray
+
+        for batch in rows.iter_batches(batch_size=self.encoder.config.batch_size, batch_format="numpy"):
+            encoded = self.encoder(batch)
+            if len(encoded["id"]):
+                self.writer.add(rows_table(encoded))
+        self.writer.close()
+        node = ray.get_runtime_context().get_node_id()
+        return [{**f, "node": node} for f in self.writer.written]
+
+    def progress(self) -> int:
+        """Rows encoded so far (answered while `run` works: the actor has a second thread)."""
+        return self.writer.rows
+
+    def describe(self) -> tuple[dict, dict]:
+        return self.encoder.describe()
 
 
 def _rows_in(shards: str) -> int | None:
@@ -329,46 +361,55 @@ def _rows_in(shards: str) -> int | None:
 
 def run_cache(config: CacheConfig, output: Path) -> dict:
     """Encode every usable row of `config.data` (paths already resolved) into the cache folder
-    `output`, which replaces any earlier one whole when done."""
+    `output`, which replaces any earlier one whole when done. The replicas write the shards; the
+    driver streams nothing but file names and counts, then writes cache_info.json."""
     import ray
-    import ray.data
 
     from diffplat.data.pipeline import training_dataset
 
     c = config
     spec = c.model_dump(mode="json")
-    resources = {"num_gpus": c.gpus_per_replica, "num_cpus": c.cpus_per_replica}
     start = time.perf_counter()
-    # The empty prompt and the models' shapes, encoded beside the rows (one task, as an actor's resources).
-    described = ray.remote(_describe).options(**resources).remote(spec)
     rows_in = _rows_in(c.data)
     width, height = c.resolution
-    encoded = training_dataset(c.data, c.resolution, c.center_crop, c.random_flip, c.seed, conditioning=c.conditioning,
-                               ids=True).map_batches(Encoder, fn_constructor_args=(spec,), batch_size=c.batch_size,
-                                                     batch_format="numpy", **resources,
-                                                     compute=ray.data.ActorPoolStrategy(size=c.replicas))  # fmt: skip
+    decoded = training_dataset(c.data, c.resolution, c.center_crop, c.random_flip, c.seed, conditioning=c.conditioning,
+                               ids=True)  # fmt: skip
+    streams = decoded.streaming_split(c.replicas, equal=False)
+    replica = ray.remote(CacheReplica).options(num_gpus=c.gpus_per_replica, num_cpus=c.cpus_per_replica,
+                                               max_concurrency=2)  # fmt: skip
     with replace_dir(output) as tmp:
-        writer = _ShardWriter(tmp, c.rows_per_shard)
+        replicas = [replica.remote(spec, str(tmp), rank) for rank in range(c.replicas)]
+        pending = [r.run.remote(s) for r, s in zip(replicas, streams)]
         ticker = Ticker()
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            if len(batch["id"]):
-                writer.add(rows_table(batch))
-            if ticker.due(last_one=bool(rows_in) and writer.rows == rows_in):
-                log.info("cache: %d/%s rows (%.1f rows/s)", writer.rows, rows_in if rows_in is not None else "?",
-                         writer.rows / (time.perf_counter() - start))  # fmt: skip
-        writer.close()
-        if not writer.rows:
+        while True:
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=ticker.seconds)
+            if len(ready) == len(pending):
+                break
+            if ticker.due():
+                done = sum(ray.get([r.progress.remote() for r in replicas]))
+                log.info("cache: %d/%s rows (%.1f rows/s)", done, rows_in if rows_in is not None else "?",
+                         done / (time.perf_counter() - start))  # fmt: skip
+        written = [f for files in ray.get(pending) for f in files]
+        rows = sum(f["rows"] for f in written)
+        if not rows:
             why = " (cache.conditioning: no row has a conditioning image)" if c.conditioning else ""
             raise ValueError(f"cache: no row of {c.data} could be encoded{why}")
-        facts, empty = ray.get(described)
-        info = write_cache_meta(tmp, c, facts, empty, writer.rows)
+        # One numbering for the whole cache, in the order of the replicas and their files.
+        shards = []
+        for i, f in enumerate(written):
+            (tmp / f["file"]).rename(tmp / f"shard-{i:05d}.parquet")
+            shards.append({"file": f"shard-{i:05d}.parquet", "rows": f["rows"], "node": f["node"]})
+        facts, empty = ray.get(replicas[0].describe.remote())  # the empty prompt, from models already loaded
+        info = write_cache_meta(tmp, c, facts, empty, rows, shards)
     elapsed = time.perf_counter() - start
-    left_out = rows_in - writer.rows if rows_in is not None else 0
-    log.info("cache: %d rows at %dx%d (%d replica%s) in %d shards in %s, %.1f s%s", writer.rows, width, height,
-             c.replicas, "s"[: c.replicas > 1], writer.files, output, elapsed,
+    left_out = rows_in - rows if rows_in is not None else 0
+    log.info("cache: %d rows at %dx%d (%d replica%s) in %d shards in %s, %.1f s%s", rows, width, height,
+             c.replicas, "s"[: c.replicas > 1], len(written), output, elapsed,
              f"; {left_out} rows left out (undecodable, or no conditioning image)" if left_out else "")  # fmt: skip
-    return {"cache": str(output), "rows": writer.rows, "rows_left_out": left_out, "shards": writer.files,
-            "rows_per_s": writer.rows / elapsed, "latent_shape": info["latent_shape"]}  # fmt: skip
+    return {"cache": str(output), "rows": rows, "rows_left_out": left_out, "shards": len(written),
+            "rows_per_s": rows / elapsed, "latent_shape": info["latent_shape"],
+            "nodes": len({f["node"] for f in written}), "output_bytes": sum(f["bytes"] for f in written),
+            "driver_bytes": sum(record_bytes(f) for f in written)}  # fmt: skip
 
 
 def cached_dataset(folder: str, conditioning: bool):

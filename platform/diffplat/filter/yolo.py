@@ -1,11 +1,14 @@
 """The `filter` stage: YOLO detection over a generations folder on Ray Data, rules, a dataset.
 
 Detector replicas are Ray Data actors (one per GPU on a cluster, `replicas` of them) taking
-batches of image paths; the driver writes, into the generations folder: `labels/` (YOLO txt,
-one per image), `annotated/` (boxes drawn), `dataset/` (kept images + labels + data.yaml,
-which ultralytics trains on from any folder, also after it is moved), COCO annotations
+batches of image paths. Each replica writes its images' files into the generations folder
+(storage every node sees): `labels/` (YOLO txt, one per image), `annotated/` (boxes drawn) and
+`dataset/images|labels/train` (kept images, copied, and their labels). The driver gets each
+image's counted detections and verdict and writes the manifests: `dataset/data.yaml` (which
+ultralytics trains on from any folder, also after it is moved), COCO annotations
 (`coco_annotations.json`, and `dataset/annotations.json` for the kept images),
 `filter_report.json` (every image's verdict and reasons) and `gallery/` (static HTML).
+Each of the three folders is built under a temporary name and swapped in whole.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from diffplat.cluster import record_bytes
 from diffplat.config import FilterConfig
 from diffplat.console import Ticker
 from diffplat.filter.rules import Detection, counted, decide, lowest_threshold
-from diffplat.fileio import read_jsonl, replace_dir, write_json_atomic
+from diffplat.fileio import read_jsonl, replace_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from diffplat.pictures import list_images
 
 log = logging.getLogger("diffplat")
@@ -74,11 +78,15 @@ def _label_lines(detections: list[Detection]) -> str:
 
 class Detector:
     """A detector replica (a Ray Data actor): loads the model once, then turns batches of image
-    paths into detections (JSON) and annotated images."""
+    paths into verdicts, writing each image's files itself (storage every node sees): its YOLO
+    label, its annotated copy and, when kept, the image and label in the dataset. The driver gets
+    back the counted detections and the verdict, never pixels."""
 
-    def __init__(self, model: str, config: dict):
+    def __init__(self, model: str, config: dict, out: dict[str, str]):
         self.config = FilterConfig.model_validate(config)
         self.model = load_detector(model)
+        self.labels, self.annotated, dataset = (Path(out[k]) for k in ("labels", "annotated", "dataset"))
+        self.kept_images, self.kept_labels = dataset / "images" / "train", dataset / "labels" / "train"
 
     def _predict(self, paths: list[str]):
         c = self.config
@@ -88,18 +96,27 @@ class Detector:
     def _row(self, path: str, result) -> dict:
         from PIL import Image
 
-        annotated = b""
+        path = Path(path)
+        detections = _detections(result)
+        seen = counted(detections, self.config.rules)
+        label = _label_lines(seen)
+        write_text_atomic(self.labels / f"{path.stem}.txt", label)
         if self.config.save_annotated:
             buf = io.BytesIO()
             Image.fromarray(result.plot(conf=True)[..., ::-1]).save(buf, format=Image.registered_extensions().get(
-                Path(path).suffix.lower(), "PNG"))  # fmt: skip
-            annotated = buf.getvalue()
+                path.suffix.lower(), "PNG"))  # fmt: skip
+            write_bytes_atomic(self.annotated / path.name, buf.getvalue())
+        keep, why = decide(detections, self.config.rules)
+        if keep:  # a copy, not a link: whoever trains on the dataset cannot rewrite the generation
+            shutil.copy2(path, self.kept_images / path.name)
+            write_text_atomic(self.kept_labels / f"{path.stem}.txt", label)
         height, width = result.orig_shape
-        found = [d.__dict__ for d in _detections(result)]
-        return {"detections": json.dumps(found), "annotated": annotated, "width": width, "height": height, "error": ""}
+        return {"detections": json.dumps([d.__dict__ for d in seen]), "kept": keep, "reasons": json.dumps(why),
+                "width": width, "height": height, "error": ""}  # fmt: skip
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
+        import ray
 
         paths = [str(p) for p in batch["path"]]
         try:
@@ -110,9 +127,11 @@ class Detector:
                 try:
                     rows.append(self._row(path, self._predict([path])[0]))
                 except Exception as err:
-                    rows.append({"detections": "[]", "annotated": b"", "width": 0, "height": 0,
+                    rows.append({"detections": "[]", "kept": False, "reasons": "[]", "width": 0, "height": 0,
                                  "error": f"{Path(path).name}: cannot detect ({type(err).__name__}: {err})"})  # fmt: skip
-        return {"path": np.array(paths, dtype=object), **{k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}}
+        node = ray.get_runtime_context().get_node_id()
+        return {"path": np.array(paths, dtype=object), "node": np.array([node] * len(paths), dtype=object),
+                **{k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}}  # fmt: skip
 
 
 def coco_annotations(entries: list[dict], names: dict[int, str]) -> dict:
@@ -156,57 +175,53 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
             errors.append(f"{path.name}: {why}")
         else:
             first_of[path.stem] = path
-    ds = ray.data.from_items([{"path": str(p)} for p in first_of.values()]).map_batches(
-        Detector,
-        fn_constructor_args=(model_path, config.model_dump(mode="json")),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.replicas),
-        num_gpus=config.gpus_per_replica,
-        num_cpus=config.cpus_per_replica,
-    )
-    ticker = Ticker()
-    with replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir:
+    ticker, nodes, received = Ticker(), Counter(), 0
+    with (replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir,
+          replace_dir(folder / "dataset") as dataset_dir):  # fmt: skip
+        for sub in ("images/train", "labels/train"):
+            (dataset_dir / sub).mkdir(parents=True)
+        out = {"labels": str(labels_dir), "annotated": str(annotated_dir), "dataset": str(dataset_dir)}
+        ds = ray.data.from_items([{"path": str(p)} for p in first_of.values()]).map_batches(
+            Detector,
+            fn_constructor_args=(model_path, config.model_dump(mode="json"), out),
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.replicas),
+            num_gpus=config.gpus_per_replica,
+            num_cpus=config.cpus_per_replica,
+        )
         for n, row in enumerate(ds.iter_rows(), 1):
+            received += record_bytes(row)
+            nodes[row["node"]] += 1
             path = Path(row["path"])
             if row["error"]:
                 errors.append(row["error"])
                 per_image[path.name] = {"kept": False, "reasons": [row["error"]], "detections": 0, "classes": {}}
                 reasons["cannot detect"] += 1
                 continue
-            detections = [Detection(d["class_name"], d["class_id"], d["confidence"], tuple(d["box_xywhn"]))
-                          for d in json.loads(row["detections"])]  # fmt: skip
-            seen = counted(detections, config.rules)
-            (labels_dir / f"{path.stem}.txt").write_text(_label_lines(seen))
-            if row["annotated"]:
-                (annotated_dir / path.name).write_bytes(row["annotated"])
-            keep, why = decide(detections, config.rules)
+            seen = [Detection(d["class_name"], d["class_id"], d["confidence"], tuple(d["box_xywhn"]))
+                    for d in json.loads(row["detections"])]  # fmt: skip
+            keep, why = bool(row["kept"]), json.loads(row["reasons"])
             classes = Counter(d.class_name for d in seen)
             class_counts.update(classes)
-            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(seen), "classes": dict(classes)}
+            per_image[path.name] = {"kept": keep, "reasons": why, "detections": len(seen), "classes": dict(classes),
+                                    "node": row["node"]}  # the Ray node whose replica wrote its files  # fmt: skip
             entries.append({"file_name": path.name, "width": int(row["width"]), "height": int(row["height"]),
                             "detections": seen, "kept": keep})  # fmt: skip
             reasons.update(why)
             if ticker.due(last_one=n == len(first_of)):
                 log.info("filter: %d/%d images, %d kept", n, len(images), sum(e["kept"] for e in entries))
-    # Replicas answer in any order: sorted by name, COCO ids and the report are the same every run.
-    entries.sort(key=lambda e: e["file_name"])
-    per_image = dict(sorted(per_image.items()))
-    kept = [e for e in entries if e["kept"]]
-    write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))
-    with replace_dir(folder / "dataset") as tmp:
-        for sub in ("images/train", "labels/train"):
-            (tmp / sub).mkdir(parents=True)
-        for entry in kept:
-            name = entry["file_name"]
-            shutil.copy2(folder / "images" / name, tmp / "images/train" / name)
-            shutil.copy2(folder / "labels" / f"{Path(name).stem}.txt", tmp / "labels/train" / f"{Path(name).stem}.txt")
+        # Replicas answer in any order: sorted by name, COCO ids and the report are the same every run.
+        entries.sort(key=lambda e: e["file_name"])
+        per_image = dict(sorted(per_image.items()))
+        kept = [e for e in entries if e["kept"]]
         # No `path:` key: ultralytics then reads the lists against data.yaml's own folder, so the
         # dataset trains from any working directory and after it is moved (a relative `path:`
         # would be read against the working directory).
         data_yaml = {"train": "images/train", "val": "images/train", "names": names}
-        (tmp / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False))
-        (tmp / "annotations.json").write_text(json.dumps(coco_annotations(kept, names)))
+        (dataset_dir / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False))
+        (dataset_dir / "annotations.json").write_text(json.dumps(coco_annotations(kept, names)))
+    write_json_atomic(folder / "coco_annotations.json", coco_annotations(entries, names))
     report = {
         "model": model_path,
         "rules": config.rules.model_dump(),
@@ -217,6 +232,8 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         "rejection_reasons": dict(reasons),
         "detections_by_class": dict(class_counts),
         "errors": errors[:1000],
+        "nodes": len(nodes),
+        "driver_bytes": received,
         "per_image": per_image,
     }
     write_json_atomic(folder / "filter_report.json", report)

@@ -81,7 +81,8 @@ def generate_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="per GPU")
     g.add_argument("--image-size", type=int, default=1024)
     g.add_argument("--output-dir", default="generated")
-    g.add_argument("--num-gpus", type=int, default=None, help="replicas, one per GPU (default: every GPU; 1 on CPU)")
+    g.add_argument("--num-gpus", type=int, default=None, help="replicas, one per GPU (default: every GPU of the "
+                   "cluster the command runs on; 1 on CPU)")  # fmt: skip
     g.add_argument("--output-format", choices=["coco", "simple"], default="coco")
     g.add_argument("--scheduler", choices=["ddpm", "euler", "ddim"], default=None)
     g.add_argument("--num-inference-steps", type=int, default=30)
@@ -93,10 +94,9 @@ def generate_parser(sub) -> None:
                    help="any other job field, e.g. generate.dtype=bfloat16")
 
 
-def generate_job(args: argparse.Namespace, overrides: list[str] = ()) -> JobConfig:
-    import torch
-
-    gpus = torch.cuda.device_count()
+def generate_job(args: argparse.Namespace, overrides: list[str] = (), gpus: int = 0) -> JobConfig:
+    """Source 5's generation flags as a job; `gpus`: the cluster's (cluster.cluster_gpus), which
+    `--num-gpus` defaults to, one replica each."""
     replicas = args.num_gpus or max(1, gpus)
     generate = {
         "base_model": args.base_model,

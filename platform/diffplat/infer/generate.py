@@ -1,7 +1,8 @@
 """The `generate` stage: prompts -> images, in bulk, with pipeline replicas on Ray Data.
 
-Each replica loads the pipeline (and LoRA) once; the driver streams the results and writes
-COCO-style numbered images plus one `metadata.jsonl` line per image.
+Each replica loads the pipeline (and LoRA) once and writes its images itself, COCO-style
+numbered, into the output folder (storage every node sees); the driver streams back one small
+record per image and writes the manifests: a `metadata.jsonl` line per image, the COCO list.
 """
 
 from __future__ import annotations
@@ -91,19 +92,31 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
+class Made:
+    """What a replica made of one request: the image (None when its input was bad, with the
+    reason), and the side-by-side comparison when one is asked for."""
+
+    def __init__(self, image=None, comparison=None, error: str = ""):
+        self.image, self.comparison, self.error = image, comparison, error
+
+
 class Generator:
-    """A pipeline replica (a Ray Data actor): loads once, then turns request rows into PNG bytes.
+    """A pipeline replica (a Ray Data actor): loads once, then turns request rows into image
+    files, written by the replica itself into `output` (storage every node sees), each whole
+    (temporary name, then rename). The driver gets back a small record per image, never pixels.
 
     text_to_image: prompts -> images. ic_lora: composites -> composites with panels filled.
+    controlnet: maps -> images.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, output: str):
         import torch
 
         from diffplat.models.loading import DTYPES, load_pipeline
         from diffplat.models.lora import adapter_info
 
         self.config = GenerateConfig.model_validate(config)
+        self.output = Path(output)
         c = self.config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = DTYPES[c.dtype]
@@ -131,28 +144,41 @@ class Generator:
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
+        import ray
+
+        from diffplat.fileio import write_bytes_atomic
 
         start = time.perf_counter()
         run = {"text_to_image": self._text, "ic_lora": self._fill, "controlnet": self._from_maps}[self.config.kind]
-        out = run(batch)
-        import ray
-
-        count = len(batch["index"])
-        out.update({"index": batch["index"], "prompt": batch["prompt"], "seed": batch["seed"],
+        made = run(batch)
+        count = len(made)
+        widths, heights, sizes = np.zeros(count, np.int64), np.zeros(count, np.int64), np.zeros(count, np.int64)
+        for i, (name, m) in enumerate(zip(batch["name"], made)):
+            if m.image is None:
+                continue
+            png = _png(m.image)
+            write_bytes_atomic(self.output / "images" / str(name), png)
+            if m.comparison is not None:
+                write_bytes_atomic(self.output / "comparisons" / str(name), _png(m.comparison))
+            widths[i], heights[i], sizes[i] = m.image.width, m.image.height, len(png)
+        out = {k: batch[k] for k in ("index", "prompt", "seed", "name")}
+        if "input" in batch:
+            out["input"] = batch["input"]
+        out.update({"width": widths, "height": heights, "bytes": sizes,
+                    "error": np.array([m.error for m in made], dtype=object),
                     "seconds": np.full(count, (time.perf_counter() - start) / count),
                     "node": np.full(count, ray.get_runtime_context().get_node_id())})  # fmt: skip
         return out
 
-    def _text(self, batch: dict) -> dict:
-        import numpy as np
+    def _text(self, batch: dict) -> list[Made]:
         import torch
+
+        from diffplat.infer.panels import prompt_keywords
 
         c = self.config
         width, height = c.resolution
         prompts = [str(p) for p in batch["prompt"]]
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["seed"]]
-        from diffplat.infer.panels import prompt_keywords
-
         images = self.pipe(
             **prompt_keywords(self.pipe, prompts, [c.negative_prompt] * len(prompts), self.max_token_length),
             width=width,
@@ -163,39 +189,29 @@ class Generator:
             # several LoRAs carry their scales in set_adapters; one alone scales here
             cross_attention_kwargs={"scale": c.adapter_scale} if c.lora and not c.loras else None,
         ).images
-        names = list(batch["name"])
-        return {"name": np.array(names, dtype=object), "png": np.array([_png(im) for im in images], dtype=object),
-                "comparison": np.array([b""] * len(images), dtype=object), "error": np.array([""] * len(images), dtype=object)}  # fmt: skip
+        return [Made(image) for image in images]
 
-    def _fill(self, batch: dict) -> dict:
+    def _fill(self, batch: dict) -> list[Made]:
         """One composite at a time: each has its own size, prompt and seed."""
-        import numpy as np
         from PIL import Image
 
         from diffplat.data.composites import CompositeError
         from diffplat.infer.panels import fill_panels
 
-        pngs, comparisons, errors = [], [], []
+        made = []
         for path, prompt, seed in zip(batch["input"], batch["prompt"], batch["seed"]):
             try:
                 with Image.open(path) as img:
                     composite = img.convert("RGB")
                 fill = fill_panels(self.pipe, composite, str(prompt), [int(seed)], self.fill_options, where=Path(path).name)[0]
             except (OSError, CompositeError) as err:  # one bad composite must not end a bulk run
-                pngs.append(b"")
-                comparisons.append(b"")
-                errors.append(f"{Path(path).name}: {err}")
+                made.append(Made(error=f"{Path(path).name}: {err}"))
                 continue
-            pngs.append(_png(fill.image))
-            comparisons.append(_png(fill.comparison) if self.config.ic_lora.save_comparison else b"")
-            errors.append("")
-        return {"name": batch["name"], "input": batch["input"], "png": np.array(pngs, dtype=object),
-                "comparison": np.array(comparisons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
+            made.append(Made(fill.image, fill.comparison if self.config.ic_lora.save_comparison else None))
+        return made
 
-
-    def _from_maps(self, batch: dict) -> dict:
+    def _from_maps(self, batch: dict) -> list[Made]:
         """One map at a time (each is read and checked here, on the replica)."""
-        import numpy as np
         import torch
 
         from diffplat.data.bdd import MaskError
@@ -204,14 +220,12 @@ class Generator:
         from diffplat.infer.panels import prompt_keywords
 
         c, n = self.config, self.config.controlnet
-        pngs, comparisons, errors = [], [], []
+        made = []
         for path, prompt, seed in zip(batch["input"], batch["prompt"], batch["seed"]):
             try:
                 cond = load_map(path, c.resolution, n.segmentation)
             except (OSError, MaskError) as err:  # one bad map must not end a bulk run
-                pngs.append(b"")
-                comparisons.append(b"")
-                errors.append(str(err) if isinstance(err, MaskError) else f"{Path(path).name}: {err}")
+                made.append(Made(error=str(err) if isinstance(err, MaskError) else f"{Path(path).name}: {err}"))
                 continue
             image = self.pipe(
                 **prompt_keywords(self.pipe, [str(prompt)], [c.negative_prompt], self.max_token_length),
@@ -220,11 +234,8 @@ class Generator:
                 generator=torch.Generator(self.device).manual_seed(int(seed)),
                 cross_attention_kwargs={"scale": c.adapter_scale} if c.lora else None,
             ).images[0]  # fmt: skip
-            pngs.append(_png(image))
-            comparisons.append(_png(side_by_side([cond, image])) if n.save_comparison else b"")
-            errors.append("")
-        return {"name": batch["name"], "input": batch["input"], "png": np.array(pngs, dtype=object),
-                "comparison": np.array(comparisons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
+            made.append(Made(image, side_by_side([cond, image]) if n.save_comparison else None))
+        return made
 
 
 def requests_for(config: GenerateConfig) -> tuple[list[dict], list[str]]:
@@ -255,6 +266,7 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
     going on where an earlier run of the same generation stopped."""
     import ray.data
 
+    from diffplat.cluster import record_bytes
     from diffplat.infer.output import GenerationFolder
 
     requests, skipped = requests_for(config)
@@ -263,21 +275,21 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
     if len(todo) < len(requests):
         log.info("generate: %d of %d images are already in %s; making the other %d", len(requests) - len(todo),
                  len(requests), output, len(todo))  # fmt: skip
-    width, height = config.resolution
     start = time.perf_counter()
-    written = 0
+    written = made_bytes = 0
     adapters = [{"path": a.path, "scale": a.scale} for a in config.loras]
     rows = ray.data.from_items(todo).map_batches(
         Generator,
-        fn_constructor_args=(config.model_dump(mode="json"),),
+        fn_constructor_args=(config.model_dump(mode="json"), str(output)),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.replicas),
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     ).iter_rows() if todo else []
-    nodes, ticker = Counter(), Ticker()
+    nodes, ticker, received = Counter(), Ticker(), 0
     for row in rows:
+        received += record_bytes(row)
         nodes[row["node"]] += 1
         if row["error"]:
             skipped.append(row["error"])
@@ -296,18 +308,20 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
             "guidance_scale": config.guidance_scale,
             "scheduler": config.scheduler,
             "seconds": round(float(row["seconds"]), 4),
+            "width": int(row["width"]),
+            "height": int(row["height"]),
+            "node": row["node"],  # the Ray node whose replica made and wrote the image
         }
         if config.kind == "ic_lora":
             s = config.ic_lora
             record.update({"input": row["input"], "layout": s.layout, "panels": s.panels_to_inpaint,
                            "strength": s.strength, "gradient_width": s.gradient_width if s.use_gradient_mask else 0})  # fmt: skip
         elif config.kind == "controlnet":
-            record.update({"map": row["input"], "controlnet": config.controlnet.model, "width": width,
-                           "height": height, "conditioning_scale": config.controlnet.conditioning_scale})  # fmt: skip
-        else:
-            record.update({"width": width, "height": height})
-        folder.add(row["name"], row["png"], record, row["comparison"])
+            record.update({"map": row["input"], "controlnet": config.controlnet.model,
+                           "conditioning_scale": config.controlnet.conditioning_scale})  # fmt: skip
+        folder.add(row["name"], record)
         written += 1
+        made_bytes += int(row["bytes"])
         if ticker.due(last_one=written == len(todo)):
             log.info("generate: %d/%d images (%.1f images/s)", len(folder.done), len(requests),
                      written / (time.perf_counter() - start))  # fmt: skip
@@ -318,4 +332,5 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
     log.info("generate: %d images in %s (%d replica%s%s)", len(folder.done), output / "images",
              config.replicas, "s"[: config.replicas > 1], f" on {len(nodes)} nodes" if len(nodes) > 1 else "")  # fmt: skip
     return {"images": len(folder.done), "made_now": written, "skipped": len(skipped), "nodes": len(nodes),
-            "images_per_s": written / elapsed if elapsed and written else 0.0}  # fmt: skip
+            "images_per_s": written / elapsed if elapsed and written else 0.0, "driver_bytes": received,
+            "output_bytes": made_bytes}  # fmt: skip

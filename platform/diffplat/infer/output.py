@@ -1,6 +1,7 @@
 """A generation folder that a stopped run goes on filling.
 
-    images/<name>          one file per finished image, each written whole (temporary name, rename)
+    images/<name>          one file per finished image, written whole by the replica that made it
+                           (temporary name, then rename); comparisons/<name> likewise
     metadata.jsonl         one line per finished image: its index, prompt, seed and settings
     generation.json        the settings that decide what the images look like
     coco_images.json       COCO's `images` list of every finished image
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from diffplat.config import ConfigError, GenerateConfig
-from diffplat.fileio import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
+from diffplat.fileio import read_jsonl, write_json_atomic, write_text_atomic
 
 METADATA, SETTINGS, COCO_IMAGES = "metadata.jsonl", "generation.json", "coco_images.json"
 # Settings that change how the work is spread or capped, not what any image looks like.
@@ -89,22 +90,12 @@ class GenerationFolder:
         return record is not None and (record.get("prompt"), record.get("seed"), record.get("file_name")) == (
             request["prompt"], request["seed"], f"images/{request['name']}")
 
-    def add(self, name: str, png: bytes, record: dict, comparison: bytes = b"") -> None:
-        """One finished image: the file first, whole, then its metadata line."""
-        write_bytes_atomic(self.folder / "images" / name, png)
-        if comparison:
-            (self.folder / "comparisons").mkdir(exist_ok=True)
-            write_bytes_atomic(self.folder / "comparisons" / name, comparison)
-        if "width" not in record:  # filled composites keep their own size
-            import io
-
-            from PIL import Image
-
-            with Image.open(io.BytesIO(png)) as img:
-                record = {**record, "width": img.width, "height": img.height}
+    def add(self, name: str, record: dict) -> None:
+        """One finished image, already written whole by the replica that made it: its metadata
+        line (a line without its image is impossible; an image without its line is made again)."""
         record = {"index": record["index"], "file_name": f"images/{name}", **record}
         self._metadata.write(json.dumps(record) + "\n")
-        self._metadata.flush()  # a killed run loses at most the image being written
+        self._metadata.flush()  # a killed run loses at most the images in flight
         self.records[int(record["index"])] = record
 
     def finish(self, skipped: list[str], requested: set[int]) -> None:

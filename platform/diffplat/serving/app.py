@@ -5,8 +5,9 @@ each image's verdict), /v1/ic-lora (fill panels of an uploaded composite), /v1/c
 image from an uploaded segmentation map), /v1/detect (YOLO boxes); GET /healthz, /v1/stats, and
 the OpenAPI page at /docs. A route exists only when its model is configured.
 
-`build_app(args)` is the import path for `serve deploy serve/diffplat.yaml`; `serve_forever`
-is `diffplat serve`.
+`build_app(args)` is the import path of the Serve configs (`serve run serve/local.yaml`,
+`serve deploy serve/diffplat.yaml`, k8s/rayservice.yaml); `serve_forever` is `diffplat serve`,
+the same application with the same file's options, on a Ray found by cluster.py's rule.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' real types.
@@ -22,6 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve import Application
 
 from diffplat.config import ServeConfig
 from diffplat.serving.schemas import ControlNetRequest, DetectRequest, GenerateRequest, IcLoraRequest
@@ -247,8 +249,9 @@ def make_ingress(routes: frozenset[str]):
     return Api
 
 
-def resolve_settings(args: dict, workdir: str | Path | None = None) -> ServeConfig:
-    """Typed settings with relative paths made absolute against `workdir` (default: here)."""
+def resolve_settings(args: ServeConfig | dict, workdir: str | Path | None = None) -> ServeConfig:
+    """Typed settings with relative paths made absolute against `workdir` (default: the args'
+    own `workdir`, else the folder the application is built in: where `serve run` runs)."""
     settings = ServeConfig.model_validate(args)
     root = Path(workdir or settings.workdir or ".").resolve()
 
@@ -259,22 +262,30 @@ def resolve_settings(args: dict, workdir: str | Path | None = None) -> ServeConf
         path = path if path.is_absolute() else root / path
         return str(path) if path.exists() else value  # else a hub id (or a model yaml)
 
-    return settings.model_copy(update={k: local(getattr(settings, k)) for k in
-                                       ("base_model", "vae", "inpaint_model", "controlnet", "adapters", "detector")})  # fmt: skip
+    return settings.model_copy(update={"workdir": str(root), **{k: local(getattr(settings, k)) for k in
+                                       ("base_model", "vae", "inpaint_model", "controlnet", "adapters", "detector")}})  # fmt: skip
 
 
-def build_app(args: dict, overrides: dict | None = None, workdir: str | Path | None = None):
-    """The Serve application; `args` is a ServeConfig as a dict (the YAML's `args:`),
-    `overrides` the YAML's per-deployment options by name."""
+def build_app(args: ServeConfig) -> Application:
+    """The `import_path` of every Serve config (`diffplat.serving.app:build_app`). Ray Serve
+    (`serve run`, `serve deploy`, `serve build`, a RayService) calls it with the config's `args:`,
+    which Serve validates into ServeConfig (an error names the field), and applies the config's
+    `deployments:` options (autoscaling, resources, queue bounds) itself, by deployment name."""
+    return compose(resolve_settings(args))
+
+
+def compose(settings: ServeConfig, options: dict[str, dict] | None = None) -> Application:
+    """The deployments bound into one application. `options` (by deployment name) is for
+    `diffplat serve`, which runs without a controller reading the config's `deployments:`."""
     from diffplat.serving.deployments import Detector, Generator, MapGenerator, PanelFiller
 
-    settings = resolve_settings(args, workdir)
-    overrides = overrides or {}
+    options = options or {}
+    spec = settings.model_dump(mode="json")
 
     def bound(deployment, name):
-        options = overrides.get(name, {})
-        return (deployment.options(**options) if options else deployment).bind(settings.model_dump(mode="json"))
+        return (deployment.options(**options[name]) if options.get(name) else deployment).bind(spec)
 
+    # Read where the application is built: only the key's hash travels to the replicas.
     key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     handles = {
         "generator": bound(Generator, "Generator"),
@@ -285,8 +296,8 @@ def build_app(args: dict, overrides: dict | None = None, workdir: str | Path | N
     routes = frozenset({"generate"} | {r for r, h in (("ic-lora", "filler"), ("controlnet", "maps"),
                                                        ("detect", "detector")) if handles[h] is not None})  # fmt: skip
     api = make_ingress(routes)
-    api = api.options(**overrides["Api"]) if overrides.get("Api") else api
-    return api.bind(settings.model_dump(mode="json"), _key_hash(key) if key else None, **handles)
+    api = api.options(**options["Api"]) if options.get("Api") else api
+    return api.bind(spec, _key_hash(key) if key else None, **handles)
 
 
 def read_serve_config(path: str | Path) -> tuple[dict, dict, dict]:
@@ -314,25 +325,32 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
 
     import ray
 
+    from diffplat.cluster import init_options
     from diffplat.config import ConfigError
 
-    args, overrides, http = read_serve_config(path)
+    args, options, http = read_serve_config(path)
     try:
-        app = build_app(args, overrides, workdir)
+        settings = resolve_settings(args, workdir)
     except ValueError as err:  # pydantic's ValidationError is one
         raise ConfigError(f"{path}: invalid serve args\n{err}") from None
     host, port = http.get("host", "127.0.0.1"), port or http.get("port", 8000)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    options_ray = init_options(None, num_cpus)
+    own = options_ray.get("address") == "local"  # else a cluster's (RAY_ADDRESS): leave its Serve running
+    ray.init(**options_ray, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="diffplat", route_prefix="/")
+    serve.run(compose(settings, options), name="diffplat", route_prefix="/")
     print(f"diffplat serve: http://{host}:{port}  (API docs at http://{host}:{port}/docs; Ctrl-C stops)", flush=True)
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or SSH session went away
+        signal.signal(sig, lambda *_: stop.update(now=True))
     try:
         while not stop["now"]:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if own:
+            serve.shutdown()
+        else:
+            serve.delete("diffplat")
         ray.shutdown()

@@ -1,0 +1,55 @@
+"""Which Ray a command runs on, found the way Ray's own tools find it; and what that cluster has.
+
+One rule for every command that starts Ray (`diffplat run`, `demo`, `generate`, `infer`, `serve`):
+
+1. an address in the job (`ray.address`) is joined;
+2. else a set `RAY_ADDRESS` is joined: `ray job submit`, KubeRay and `ray exec` set it, and a
+   submitted job's `working_dir` package lives only in that cluster (a Ray of the driver's own
+   could not fetch it);
+3. else a Ray of this process's own starts (`address="local"`), even where an unrelated cluster
+   runs on the machine: plain `ray.init()` would join that one and refuse `num_cpus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("diffplat")
+
+
+def init_options(address: str | None, num_cpus: int | None = None, dashboard: bool = False) -> dict:
+    """ray.init's arguments by the rule above. `num_cpus` and `dashboard` only shape a Ray of our own."""
+    if address:
+        return {"address": address}
+    if os.environ.get("RAY_ADDRESS"):
+        if num_cpus is not None:
+            log.info("ray: joining the cluster at RAY_ADDRESS (%s); ray.num_cpus is that cluster's to set",
+                     os.environ["RAY_ADDRESS"])  # fmt: skip
+        return {}  # ray.init() reads RAY_ADDRESS itself
+    return {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "include_dashboard": dashboard,
+        "dashboard_host": "127.0.0.1",  # the dashboard runs code for whoever reaches it
+    }
+
+
+def cluster_gpus() -> int:
+    """GPUs in the whole cluster (Ray must be up): what 'every GPU' means, not the driver's own,
+    which is none on a CPU head."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def record_bytes(row: dict) -> int:
+    """About how many bytes a record brought to the driver: its strings, byte strings and arrays
+    counted by size, anything else as one 8-byte number (what the driver-load benchmark adds up)."""
+    total = 0
+    for value in row.values():
+        if isinstance(value, (bytes, str)):
+            total += len(value)
+        else:
+            total += getattr(value, "nbytes", 8)
+    return total
