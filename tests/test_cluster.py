@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -100,21 +101,57 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
             "generate": {"base_model": str(tiny_sdxl), "prompts_from_shards": "data/shards", "num_generations": 1,
                          "max_images": 2, "resolution": [32, 32], "num_inference_steps": 2, "output": "generations"},
         }))  # fmt: skip
-        # the README's command, as written there
-        for attempt in range(10):  # a head just started takes a few seconds to take jobs
-            submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                                     "--working-dir", ".", "--", "diffplat", "run", str(job), "--workdir", str(work),
-                                     "--set", "ray.address=auto"],
-                                    cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                                    timeout=420)  # fmt: skip
-            logs = submit.stdout + submit.stderr
-            if "No available agent to submit job" not in logs:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        # the README's command, as written there: nothing in the job or on the command line names
+        # the cluster; `ray job submit` sets RAY_ADDRESS and diffplat joins it
+        submit_env = {**env, "RAY_AUTH_MODE": "token"}
+
+        def submit(*entrypoint: str) -> str:
+            for attempt in range(10):  # a head just started takes a few seconds to take jobs
+                done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                       "--working-dir", ".", "--", *entrypoint], cwd=REPO, env=submit_env,
+                                      capture_output=True, text=True, timeout=420)  # fmt: skip
+                logs = done.stdout + done.stderr
+                if "No available agent to submit job" not in logs:
+                    break
+                time.sleep(3)
+            assert done.returncode == 0 and "succeeded" in logs, logs[-4000:]
+            return logs
+
+        logs = submit("diffplat", "run", str(job), "--workdir", str(work))
         assert "[diffplat] generate: 2 images in" in logs  # the job's logs were followed to the end
         assert len(list((work / "generations" / "images").glob("*.png"))) == 2
         assert (work / "mlflow.db").is_file() and (work / "data" / "shards" / "_manifest.json").is_file()
+        # source 5's generation command, submitted the same way
+        gen_out = tmp_path / "generated"
+        logs = submit("diffplat", "generate", "--prompt", "a road", "--base-model", str(tiny_sdxl), "--image-size", "32",
+                      "--num-inference-steps", "2", "--num-images", "2", "--output-dir", str(gen_out))  # fmt: skip
+        assert f"2 images in {gen_out}" in logs and len(list((gen_out / "images").glob("*.png"))) == 2
+
+        # Ray's state API on that head: the generation replicas of both jobs ran in its cluster
+        # (a Ray of the driver's own would have held them, and died with the job)
+        state = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", f"http://127.0.0.1:{dashboard}",
+                                "--format", "json", "--limit", "10000", "--detail"], env=submit_env,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert state.returncode == 0, state.stderr[-2000:]
+        replicas = [a for a in json.loads(state.stdout) if "MapBatches(Generator)" in a.get("class_name", "")]
+        assert len({a["job_id"] for a in replicas}) == 2, [a.get("class_name") for a in json.loads(state.stdout)]
+
+        # `serve deploy` of the shipped GPU config: the cluster builds the app from import_path and
+        # args alone (its GPU replicas wait for GPUs this machine lacks; the build must not fail)
+        deploy = subprocess.run([str(BIN / "serve"), "deploy", str(REPO / "serve" / "diffplat.yaml"), "--address",
+                                 f"http://127.0.0.1:{dashboard}"], env=submit_env, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
+        deadline, status = time.time() + 120, {}
+        while time.time() < deadline:
+            shown = subprocess.run([str(BIN / "serve"), "status", "--address", f"http://127.0.0.1:{dashboard}"],
+                                   env=submit_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+            status = (yaml.safe_load(shown.stdout) or {}).get("applications", {}).get("diffplat", {})
+            if status.get("status") == "DEPLOY_FAILED" or len(status.get("deployments") or {}) == 5:
+                break
+            time.sleep(3)
+        assert status.get("status") != "DEPLOY_FAILED", status.get("message")
+        assert set(status.get("deployments") or {}) == {"Generator", "PanelFiller", "MapGenerator", "Detector", "Api"}, status
 
         # a job run here, with no address, while that head runs: it starts a Ray of its own
         # (joining the head instead would refuse the job's num_cpus)
@@ -134,15 +171,33 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
 
 
 def test_a_job_over_two_nodes(tmp_path, tiny_sdxl):
-    images = _pictures(tmp_path / "pics", 4)
+    images = _pictures(tmp_path / "pics", 8)
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_job.py"), str(work), str(tiny_sdxl),
                            str(images)], capture_output=True, text=True, timeout=540)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     outputs = json.loads(proc.stdout.strip().splitlines()[-1])
+    head, worker = outputs["nodes"]["head"], outputs["nodes"]["worker"]  # the driver runs on the head
     assert outputs["train"]["worker_nodes"] == 2  # rank 0 and rank 1 on different nodes
     assert outputs["generate"]["images"] == 12 and outputs["generate"]["nodes"] == 2  # a replica on each node
     # checkpoints in the shared storage the job named, the adapter and images where the driver expects
     assert list((work / "shared" / "ray_results").glob("two-nodes-train-*/checkpoint_*/adapter"))
     assert (work / "adapters" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((work / "generations" / "images").glob("*.png"))) == 12
+
+    # Workers write, the driver coordinates: every file names the node whose replica wrote it, the
+    # second node wrote its share, and what reached the driver is a small fraction of what was written.
+    cache = json.loads((work / "cache" / "cache_info.json").read_text())
+    assert sum(s["rows"] for s in cache["shards"]) == outputs["cache"]["rows"] == 8
+    assert {s["node"] for s in cache["shards"]} == {head, worker}
+    assert sorted(p.name for p in (work / "cache").glob("shard-*.parquet")) == sorted(s["file"] for s in cache["shards"])
+    made = [json.loads(line) for line in (work / "generations" / "metadata.jsonl").read_text().splitlines()]
+    assert {m["node"] for m in made} == {head, worker}
+    report = json.loads((work / "generations" / "filter_report.json").read_text())
+    assert report["nodes"] == 2 and {v["node"] for v in report["per_image"].values()} == {head, worker}
+    for name, verdict in report["per_image"].items():  # each image's label, annotated copy and dataset copy
+        assert (work / "generations" / "labels" / f"{Path(name).stem}.txt").is_file()
+        assert (work / "generations" / "annotated" / name).is_file()
+        assert (work / "generations" / "dataset" / "images" / "train" / name).is_file() == verdict["kept"]
+    for stage in ("cache", "generate"):  # 32x32 images: a record is a few % of one (bench/driver_load.py: real sizes)
+        assert outputs[stage]["driver_bytes"] < 0.1 * outputs[stage]["output_bytes"], outputs[stage]

@@ -1,14 +1,18 @@
 """`diffplat demo` end to end, then its LoRA in stock diffusers."""
 
+import base64
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -207,3 +211,57 @@ def test_diffplat_serve_with_no_config_serves_the_demo(demo):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
+    """Ray's own `serve run` on serve/local.yaml as shipped (only the port moved, and `workdir`
+    pointed at this demo's output): it calls build_app with the config's args and applies its
+    deployments' options itself. /healthz and a generation over HTTP, then Ctrl-C."""
+    import signal
+    import socket
+    import time
+
+    import requests
+    import yaml
+
+    from diffplat.demo import demo_config_path
+
+    out = demo[0]
+    shipped = Path(__file__).resolve().parents[1] / "serve" / "local.yaml"
+    assert shipped.read_text() == demo_config_path("serve_local.yaml").read_text()  # `diffplat serve`'s default
+    config = yaml.safe_load(shipped.read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["workdir"] = str(out)
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIFFPLAT_API_KEY")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = requests.get(f"{url}/healthz", timeout=5)
+                if health.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        assert health is not None and health.status_code == 200, proc.stderr.read()[-3000:] if proc.poll() else "no answer"
+        assert health.json()["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
+        r = requests.post(f"{url}/v1/generate", timeout=120,
+                          json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 2, "seed": 3})  # fmt: skip
+        assert r.status_code == 200, r.text
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png_base64"])))
+        assert image.size == tuple(config["applications"][0]["args"]["default_resolution"])
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: `serve run` shuts the application and its Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise

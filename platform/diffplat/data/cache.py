@@ -375,8 +375,9 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
     decoded = training_dataset(c.data, c.resolution, c.center_crop, c.random_flip, c.seed, conditioning=c.conditioning,
                                ids=True)  # fmt: skip
     streams = decoded.streaming_split(c.replicas, equal=False)
+    # SPREAD: the encoders on as many nodes as there are (each writes what it encodes)
     replica = ray.remote(CacheReplica).options(num_gpus=c.gpus_per_replica, num_cpus=c.cpus_per_replica,
-                                               max_concurrency=2)  # fmt: skip
+                                               max_concurrency=2, scheduling_strategy="SPREAD")  # fmt: skip
     with replace_dir(output) as tmp:
         replicas = [replica.remote(spec, str(tmp), rank) for rank in range(c.replicas)]
         pending = [r.run.remote(s) for r, s in zip(replicas, streams)]
