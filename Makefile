@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_scale.py
 	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/driver_load.py
 
 clean:
 	rm -rf $(OUT) bench-output .pytest_cache

@@ -44,12 +44,14 @@ def test_demo_writes_every_stage(demo):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
     # one screen: diffplat's lines and summary (about 72 lines in all in a quiet run, 10 of them the
-    # evaluate stage's table, which is not counted here; Ray's own C++ and
-    # thread warnings still get through, more of them on a loaded machine), the other libraries kept out
+    # evaluate stage's table, which is not counted here; Ray's own C++ and thread warnings still
+    # get through, more of them on a loaded machine), the other libraries kept out. Progress lines
+    # ("12/30 ...") come every 10 seconds, so their number follows the machine's speed: not counted.
     lines = (stdout + stderr).strip().splitlines()
     summary = stdout[stdout.index("diffplat demo: done"):].strip().splitlines()
     ours = [line for line in lines if line.startswith("[diffplat]")] + summary
-    assert len(ours) <= 60, "\n".join(ours)
+    progress = re.compile(r"^\[diffplat\] [\w ]+: (step )?\d+/\d+ ")
+    assert len([line for line in ours if not progress.match(line)]) <= 60, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
     assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 12  # lora 6, ic_lora 3, controlnet 3
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
@@ -248,7 +250,7 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
                 health = requests.get(f"{url}/healthz", timeout=5)
                 if health.status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or busy starting
                 pass
             time.sleep(2)
         assert health is not None and health.status_code == 200, proc.stderr.read()[-3000:] if proc.poll() else "no answer"
