@@ -39,7 +39,9 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def load(url: str, concurrency: int, requests_total: int, bodies=None) -> dict:
+def load(url: str, concurrency: int, requests_total: int, bodies=None, fmt: str = "json") -> dict:
+    import json
+
     import requests
 
     session = requests.Session()
@@ -47,16 +49,34 @@ def load(url: str, concurrency: int, requests_total: int, bodies=None) -> dict:
 
     def one(body):
         start = time.perf_counter()
-        r = session.post(f"{url}/v1/generate", json=body, timeout=120)
-        return r.status_code, time.perf_counter() - start, body
+        r = session.post(f"{url}/v1/generate?format={fmt}", json=body, timeout=120)
+        seconds = time.perf_counter() - start
+        timings = None
+        if r.status_code == 200:  # the server's own split of its time
+            timings = json.loads(r.headers["x-timings"]) if fmt == "png" else r.json()["timings"]
+        return r.status_code, seconds, body, timings
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, bodies))
     wall = time.perf_counter() - start
-    latencies = [s for _, s, _ in results]
+    latencies = [s for _, s, _, _ in results]
     return {"rps": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * _percentile(latencies, 0.99), "results": results}  # fmt: skip
+
+
+def breakdown(results: list) -> dict:
+    """Medians, in ms, of where a request's time went: the pipeline in its replica, the hop from
+    the ingress to that replica and back (with any batching wait), the ingress's own work
+    (validation, JSON, PNG and base64), and the proxy with HTTP (the client's time less the
+    ingress's)."""
+    rows = [(seconds, t) for code, seconds, _, t in results if code == 200 and t]
+    med = lambda f: 1000 * statistics.median(f(s, t) for s, t in rows)  # noqa: E731
+    return {"pipeline": med(lambda s, t: t["generate_s"]),
+            "hop + batch wait": med(lambda s, t: t["model_call_s"] - t["generate_s"]),
+            "ingress (checks, encode)": med(lambda s, t: t["total_s"] - t["model_call_s"]),
+            "of it, PNG + base64": med(lambda s, t: t["encode_s"]),
+            "proxy + HTTP": med(lambda s, t: s - t["total_s"])}  # fmt: skip
 
 
 def main() -> None:
@@ -84,7 +104,7 @@ def main() -> None:
         one_replica["Generator"].update(max_ongoing_requests=16, max_queued_requests=64)
 
         def deploy(batching: bool) -> None:
-            settings = {"base_model": str(model), "detector": None, "api_key_env": None,
+            settings = {"base_model": str(model), "detector": None, "auth": "none",
                         "default_resolution": [SIZE, SIZE],
                         "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": args.wait}}  # fmt: skip
             serve.run(compose(resolve_settings(settings), one_replica), name="bench", route_prefix="/")
@@ -93,6 +113,8 @@ def main() -> None:
         rows, mean_batch = {}, {}
         for batching in (False, True):
             deploy(batching)
+            if not batching:  # the binary answer: no base64, no JSON around the image
+                png = load(url, 1, max(8, args.requests // 4), fmt="png")
             rows[(batching, 1)] = load(url, 1, max(8, args.requests // 4))
             rows[(batching, 8)] = load(url, 8, args.requests)
             sizes = requests.get(f"{url}/v1/stats", timeout=30).json()["generator"]["batch_sizes"][-args.requests:]
@@ -117,9 +139,11 @@ def main() -> None:
             local.append(time.perf_counter() - start)
         torch.set_num_threads(threads)
         in_process = 1000 * statistics.median(local)
-        over_http = rows[(False, 1)]["p50_ms"]
-        print(f"  in-process pipeline p50 {in_process:.1f} ms, over HTTP p50 {over_http:.1f} ms: "
-              f"Serve adds {over_http - in_process:.1f} ms (target < 10)")  # fmt: skip
+        for name, row in (("JSON (base64 PNG)", rows[(False, 1)]), ("format=png", png)):
+            over_http = row["p50_ms"]
+            print(f"  {name}: in-process pipeline p50 {in_process:.1f} ms, over HTTP p50 {over_http:.1f} ms: "
+                  f"Serve adds {over_http - in_process:.1f} ms (target < 10); where a request's time goes (p50s):")  # fmt: skip
+            print("    " + ", ".join(f"{part} {ms:.1f} ms" for part, ms in breakdown(row["results"]).items()))
 
         # 500 requests, 10% malformed; the replica's memory before and after.
         deploy(True)
@@ -131,8 +155,8 @@ def main() -> None:
         bodies = [bad[i // 10 % len(bad)] if i % 10 == 0 else dict(BODY, seed=i) for i in range(500)]
         soak = load(url, 8, 500, bodies)
         after = stats()
-        valid = [code for code, _, body in soak["results"] if body.get("prompt") == BODY["prompt"]]
-        invalid = [code for code, _, body in soak["results"] if body.get("prompt") != BODY["prompt"]]
+        valid = [code for code, _, body, _ in soak["results"] if body.get("prompt") == BODY["prompt"]]
+        invalid = [code for code, _, body, _ in soak["results"] if body.get("prompt") != BODY["prompt"]]
         server_errors = sum(code >= 500 for code in valid)
         print(f"  500 requests, 10% malformed: valid {len(valid)} -> {server_errors} 5xx (target 0); "
               f"malformed answered {sorted(set(invalid))}")  # fmt: skip

@@ -204,9 +204,9 @@ def test_diffplat_serve_with_no_config_serves_the_demo(demo):
         while "diffplat serve: http://127.0.0.1" not in line and time.time() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}" in line, line
-        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
-        assert health["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
-        assert health["adapters"] == ["ic_lora", "lora"]
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+        info = requests.get(f"http://127.0.0.1:{port}/v1/info", timeout=30).json()  # auth: none in the local config
+        assert info["routes"] == ["controlnet", "detect", "generate", "ic-lora"] and info["adapters"] == ["ic_lora", "lora"]
         r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
                           json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 4})  # fmt: skip
         assert r.status_code == 200 and r.json()["images"][0]["png_base64"]
@@ -254,7 +254,7 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
                 pass
             time.sleep(2)
         assert health is not None and health.status_code == 200, proc.stderr.read()[-3000:] if proc.poll() else "no answer"
-        assert health.json()["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
+        assert requests.get(f"{url}/v1/info", timeout=30).json()["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
         r = requests.post(f"{url}/v1/generate", timeout=120,
                           json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 2, "seed": 3})  # fmt: skip
         assert r.status_code == 200, r.text

@@ -707,8 +707,12 @@ class ServeLimits(_Strict):
     max_steps: int = Field(100, gt=0)
     max_side: int = Field(2048, gt=0, description="largest width or height, pixels")
     max_images: int = Field(8, gt=0, description="images a request")
-    max_upload_bytes: int = Field(20 * 2**20, gt=0)
+    max_upload_bytes: int = Field(20 * 2**20, gt=0, description="an uploaded image; a body larger than its base64 "
+                                  "(4/3 of it, plus 64 KiB) is refused with 413 before it is read")  # fmt: skip
     max_pixels: int = Field(4096 * 4096, gt=0, description="an upload's width x height, checked before decoding")
+    max_panels: int = Field(16, ge=2, description="panels of an In-Context LoRA layout")
+    max_pixel_steps: int = Field(8 * 1024 * 1024 * 50, gt=0, description="one request's budget: images x width x "
+                                 "height x denoising steps, on every route")  # fmt: skip
 
 
 class BatchingSettings(_Strict):
@@ -732,8 +736,11 @@ class ServeConfig(_Strict):
     detector_imgsz: int = Field(640, gt=0)
     detector_device: str = "cpu"
     default_resolution: ModelResolution = (1024, 1024)
-    api_key_env: str | None = Field("DIFFPLAT_API_KEY", description="environment variable holding the API key; "
-                                    "when it is set, every request needs Authorization: Bearer <key>")  # fmt: skip
+    auth: Literal["key", "none"] = Field("key", description="key: every route but /healthz needs Authorization: "
+                                         "Bearer <key>, and the app refuses to start without the key; none: an "
+                                         "open API, said explicitly (127.0.0.1 only)")  # fmt: skip
+    api_key_env: str = Field("DIFFPLAT_API_KEY", min_length=1, description="the environment variable holding the API "
+                             "key, read where the application is built")  # fmt: skip
     tracking_uri: str | None = Field(None, description="MLflow store for runs:/ adapters")
     workdir: str | None = Field(None, description="what relative paths are relative to (default: the current folder)")
     batching: BatchingSettings = BatchingSettings()

@@ -8,6 +8,7 @@ panel is the same rectangle everywhere.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +27,11 @@ class Layout:
     @classmethod
     def parse(cls, text: str) -> "Layout":
         """"2x2" -> Layout(2, 2): rows x cols."""
-        rows, sep, cols = str(text).lower().partition("x")
-        if not sep or not rows.strip().isdigit() or not cols.strip().isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() then refuses
+        match = re.fullmatch(r"\s*([0-9]{1,3})\s*x\s*([0-9]{1,3})\s*", str(text).lower())
+        if not match:
             raise CompositeError(f"layout {text!r} is not of the form ROWSxCOLS (2x2, 1x3, 3x1)")
-        layout = cls(int(rows), int(cols))
+        layout = cls(int(match[1]), int(match[2]))
         if layout.rows < 1 or layout.cols < 1 or layout.panels < 2:
             raise CompositeError(f"layout {text!r} needs at least two panels")
         return layout

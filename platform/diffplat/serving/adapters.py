@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -51,7 +52,7 @@ class AdapterCache:
         self.pipe, self.registry, self.capacity, self.tracking_uri = pipe, registry, capacity, tracking_uri
         self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
         self.learnt: dict[str, str | None] = {}  # request name -> the prediction_type it was trained with
-        self.loads = self.evictions = 0
+        self.loads = self.evictions = self._attempts = 0
         self._downloads = Path(tempfile.mkdtemp(prefix="diffplat-adapters-"))
 
     def _folder(self, name: str) -> Path:
@@ -59,18 +60,50 @@ class AdapterCache:
             import mlflow.artifacts
 
             target = self._downloads / re.sub(r"\W", "_", name)
-            if not target.exists():
+            if not target.exists():  # fetched whole, then renamed: a failed fetch leaves nothing behind
+                partial = Path(tempfile.mkdtemp(dir=self._downloads))
                 try:
-                    mlflow.artifacts.download_artifacts(artifact_uri=name, dst_path=str(target),
+                    mlflow.artifacts.download_artifacts(artifact_uri=name, dst_path=str(partial),
                                                         tracking_uri=self.tracking_uri)  # fmt: skip
                 except Exception as err:  # MLflow raises several types for a missing run or path
+                    shutil.rmtree(partial, ignore_errors=True)
                     raise UnknownAdapter(f"adapter {name!r}: cannot fetch it from MLflow ({err})") from None
+                partial.rename(target)
             found = sorted(target.rglob(WEIGHTS_NAME))
             if not found:
                 raise UnknownAdapter(f"adapter {name!r}: no {WEIGHTS_NAME} in that MLflow artifact")
             return found[0].parent
         check_name(name, self.registry)
         return Path(self.registry) / name
+
+    def ensure(self, name: str) -> str:
+        """Load adapter `name` if it is not loaded (evicting the least recently used); its name
+        in the pipeline. An adapter that cannot be fetched or does not fit the base model is an
+        UnknownAdapter, and leaves nothing of itself in the pipeline."""
+        if name in self.loaded:
+            return self.loaded[name]
+        folder = self._folder(name)
+        while len(self.loaded) >= self.capacity:
+            old, internal = self.loaded.popitem(last=False)
+            self.learnt.pop(old, None)
+            self.pipe.delete_adapters(internal)
+            self.evictions += 1
+            log.info("serve: evicted adapter %s", old)
+        self._attempts += 1
+        internal = f"a{self._attempts}"  # a fresh name even after a failed load
+        try:
+            self.pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME, adapter_name=internal)
+        except Exception as err:  # shapes or keys that do not fit this base model, a corrupt file
+            try:
+                self.pipe.delete_adapters(internal)  # whatever part of it was loaded
+            except Exception:
+                pass
+            raise UnknownAdapter(f"adapter {name!r} does not load on this base model ({type(err).__name__}: "
+                                 f"{str(err)[:300]})") from None  # fmt: skip
+        self.loaded[name] = internal
+        self.learnt[name] = adapter_info(str(folder)).get("prediction_type")
+        self.loads += 1
+        return internal
 
     def activate(self, name: str | None, scale: float = 1.0) -> str | None:
         """Make `name` the pipeline's only active adapter at `scale` (None: the base model).
@@ -80,22 +113,10 @@ class AdapterCache:
             if self.loaded:
                 self.pipe.disable_lora()
             return None
-        if name not in self.loaded:
-            while len(self.loaded) >= self.capacity:
-                old, internal = self.loaded.popitem(last=False)
-                self.learnt.pop(old, None)
-                self.pipe.delete_adapters(internal)
-                self.evictions += 1
-                log.info("serve: evicted adapter %s", old)
-            internal = f"a{self.loads}"
-            folder = self._folder(name)
-            self.pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME, adapter_name=internal)
-            self.loaded[name] = internal
-            self.learnt[name] = adapter_info(str(folder)).get("prediction_type")
-            self.loads += 1
+        internal = self.ensure(name)
         self.loaded.move_to_end(name)
         self.pipe.enable_lora()
-        self.pipe.set_adapters([self.loaded[name]], adapter_weights=[scale])
+        self.pipe.set_adapters([internal], adapter_weights=[scale])
         return self.learnt[name]
 
     def stats(self) -> dict:

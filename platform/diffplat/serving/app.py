@@ -2,8 +2,12 @@
 
 Routes: POST /v1/generate (text-to-image, optional LoRA; with `filter` it also detects and gives
 each image's verdict), /v1/ic-lora (fill panels of an uploaded composite), /v1/controlnet (an
-image from an uploaded segmentation map), /v1/detect (YOLO boxes); GET /healthz, /v1/stats, and
-the OpenAPI page at /docs. A route exists only when its model is configured.
+image from an uploaded segmentation map), /v1/detect (YOLO boxes); GET /healthz, /v1/info,
+/v1/stats, and the OpenAPI page at /docs. A route exists only when its model is configured.
+
+Every request's cost is bounded before a model sees it: the body's size (413, before it is read
+or the key is checked), the key (401 on every route but /healthz), then each field against the
+configured limits, one budget of images x width x height x steps included (422 naming the field).
 
 `build_app(args)` is the import path of the Serve configs (`serve run serve/local.yaml`,
 `serve deploy serve/diffplat.yaml`, k8s/rayservice.yaml); `serve_forever` is `diffplat serve`,
@@ -14,59 +18,126 @@ the same application with the same file's options, on a Ray found by cluster.py'
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve import Application
 
-from diffplat.config import ServeConfig
+from diffplat.config import ConfigError, ServeConfig
+from diffplat.serving.errors import Refused, answers, problem
 from diffplat.serving.schemas import ControlNetRequest, DetectRequest, GenerateRequest, IcLoraRequest
 
 log = logging.getLogger("diffplat")
 
 DEPLOYMENTS = ("Generator", "PanelFiller", "MapGenerator", "Detector", "Api")
+OPEN_PATHS = ("/healthz",)  # answered without the key: load balancers' health checks
+BODY_SLACK = 64 * 1024  # JSON fields besides the image's base64
+IMAGE_ANSWER = {200: {"content": {"application/json": {}, "image/png": {}},
+                      "description": "images as base64 PNG with their seeds (JSON), or with format=png the first "
+                                     "image alone"}}  # fmt: skip
 
 
-def reject(field: str, message: str, status: int = 422):
+def reject(field: str | None, message: str, status: int = 422):
     """The error shape FastAPI gives a validation failure: the field named in `loc`."""
-    return HTTPException(status, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+    return HTTPException(status, detail=problem(field, message)["detail"])
 
 
 def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def make_ingress(routes: frozenset[str]):
+def max_body_bytes(settings: ServeConfig) -> int:
+    return settings.limits.max_upload_bytes * 4 // 3 + BODY_SLACK
+
+
+class Guard:
+    """ASGI middleware in front of every route: a body larger than `max_body` is refused (413)
+    as it streams in, before it is parsed or the key is checked; then every route but /healthz
+    needs the key (401), /docs and /openapi.json included. Only the key's hash is held."""
+
+    def __init__(self, app, key_hash: str | None, max_body: int):
+        self.app, self.key_hash, self.max_body = app, key_hash, max_body
+
+    async def _answer(self, send, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                *extra]})  # fmt: skip
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        too_large = problem(None, f"the body is larger than {self.max_body} bytes", "too_large")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await self._answer(send, 413, too_large)
+        chunks, size, more = [], 0, True
+        while more:  # read whole (it is bounded), so a body without a length is held to the limit too
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body:
+                return await self._answer(send, 413, too_large)
+        if self.key_hash is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            # Compare digests in constant time: the key's length and content stay hidden.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(_key_hash(token.strip()), self.key_hash):
+                return await self._answer(send, 401, problem("authorization", "missing or wrong API key "
+                                                             "(Authorization: Bearer <key>)", where="header"),
+                                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def again():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, again, send)
+
+
+def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
     """The ingress deployment, with only the routes whose models are configured."""
-    api = FastAPI(title="diffplat", version="0.1", description="Synthetic images from SDXL adapters; see /docs.")
+    api = FastAPI(title="diffplat", version="0.2", description="Synthetic images from SDXL adapters. Every route "
+                  "but /healthz needs `Authorization: Bearer <key>` when the server has a key.")  # fmt: skip
+    api.add_middleware(Guard, key_hash=key_hash, max_body=max_body)
+
+    @api.exception_handler(Refused)
+    async def _refused(request: Request, err: Refused):
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        """FastAPI's own refusals (a body that is not JSON is a 400) in the one refusal shape."""
+        body = {"detail": err.detail} if isinstance(err.detail, list) else problem(None, str(err.detail), "bad_request")
+        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @serve.deployment(max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.25})
     @serve.ingress(api)
     class Api:
-        def __init__(self, settings: dict, key_hash: str | None, generator=None, filler=None, maps=None, detector=None):
+        def __init__(self, settings: dict, generator=None, filler=None, maps=None, detector=None):
             self.settings = ServeConfig.model_validate(settings)
-            self.key_hash = key_hash
             self.generator, self.filler, self.maps, self.detector = generator, filler, maps, detector
+            self.checked_adapters: set[str] = set()  # URIs a replica fetched and loaded once already
 
         # --- the contract -------------------------------------------------------------------
 
-        def _auth(self, request: Request) -> None:
-            if self.key_hash is None:
-                return
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            # Compare digests in constant time: the key's length and content stay hidden.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(_key_hash(token.strip()), self.key_hash):
-                raise HTTPException(401, detail="missing or wrong API key (Authorization: Bearer <key>)",
-                                    headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-
         def _sampling(self, body, width: int | None, height: int | None) -> dict:
-            """Checks against the configured limits; the job fields every route shares."""
+            """Checks against the configured limits; the job fields every route shares. The
+            budget is checked when the size is known (`width` and `height`)."""
             lim = self.settings.limits
             if len(body.prompt) > lim.max_prompt_chars:
                 raise reject("prompt", f"prompt is {len(body.prompt)} characters, at most {lim.max_prompt_chars}")
@@ -80,6 +151,8 @@ def make_ingress(routes: frozenset[str]):
             for field, value in (("width", width), ("height", height)):
                 if value is not None and (value % 8 or value > lim.max_side):
                     raise reject(field, f"{field} must be a multiple of 8 and at most {lim.max_side}, got {value}")
+            if width is not None and height is not None:
+                self._budget(body.num_images, width, height, steps)
             if body.adapter is not None:
                 from diffplat.serving.adapters import UnknownAdapter, check_name
 
@@ -92,47 +165,92 @@ def make_ingress(routes: frozenset[str]):
                     "adapter_scale": body.adapter_scale, "num_inference_steps": steps,
                     "guidance_scale": body.guidance_scale, "seeds": [seed + i for i in range(body.num_images)]}  # fmt: skip
 
-        def _upload(self, field: str, data: str):
+        def _budget(self, images: int, width: int, height: int, steps: int) -> None:
+            cost, most = images * width * height * steps, self.settings.limits.max_pixel_steps
+            if cost > most:
+                raise reject(None, f"{images} images x {width}x{height} x {steps} steps = {cost} pixel-steps, more "
+                             f"than this server's {most} a request: ask for fewer, smaller images or fewer steps")  # fmt: skip
+
+        async def _upload(self, field: str, data: str):
+            """Decoded off the event loop (a large image takes a while)."""
             from diffplat.serving.images import UploadError, decode_upload
 
             lim = self.settings.limits
             try:
-                return decode_upload(field, data, lim.max_upload_bytes, lim.max_pixels)
+                return await asyncio.to_thread(decode_upload, field, data, lim.max_upload_bytes, lim.max_pixels)
             except UploadError as err:
                 raise reject(err.field, str(err), err.status) from None
 
         async def _call(self, method, *args):
-            """A downstream call; a full queue answers 503 at once instead of piling up memory."""
+            """A downstream call; a full queue answers 503 at once instead of piling up memory, and
+            a replica's refusal becomes the HTTP answer."""
             from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
             try:
-                return await method.remote(*args)
+                result = await method.remote(*args)
             except (BackPressureError, DeploymentUnavailableError):
-                raise HTTPException(503, detail="busy: too many requests in flight, retry shortly",
-                                    headers={"Retry-After": "1"}) from None  # fmt: skip
+                raise Refused(503, None, "busy: too many requests in flight, retry shortly", retry_after=1) from None
+            if isinstance(result, dict) and "error" in result:
+                raise Refused.from_dict(result["error"])
+            return result
+
+        async def _adapter_ready(self, handle, adapter: str | None) -> None:
+            """An adapter fetched from elsewhere (runs:/...) is fetched and loaded by a replica
+            before a request using it joins a batch, once per URI: a bad one fails alone."""
+            if adapter is None or not adapter.startswith("runs:/") or adapter in self.checked_adapters:
+                return
+            await self._call(handle.check_adapter, adapter)
+            self.checked_adapters.add(adapter)
 
         @staticmethod
-        def _respond(request: Request, fmt: str, images, seeds, timings: dict, **extra):
+        async def _respond(request: Request, fmt: str, images, seeds, timings: dict, start: float, **extra):
+            """PNG encoding off the event loop; `timings` gains encode_s and total_s (the ingress's
+            whole time; bench/serve_load.py splits a request's latency with them)."""
             from diffplat.serving.images import png_base64, png_bytes
 
+            encode = time.perf_counter()
             if fmt == "png" or "image/png" in request.headers.get("accept", ""):
-                return Response(png_bytes(images[0]), media_type="image/png",
-                                headers={"X-Seed": str(seeds[0]), "X-Images": str(len(images))})  # fmt: skip
-            items = [{"png_base64": png_base64(im), "seed": s} for im, s in zip(images, seeds)]
+                data = await asyncio.to_thread(png_bytes, images[0])
+                done = time.perf_counter()
+                return Response(data, media_type="image/png", headers={
+                    "X-Seed": str(seeds[0]), "X-Images": str(len(images)),
+                    "X-Timings": json.dumps({**timings, "encode_s": round(done - encode, 4),
+                                             "total_s": round(done - start, 4)})})  # fmt: skip
+            encoded = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
+            done = time.perf_counter()
+            timings = {**timings, "encode_s": round(done - encode, 4), "total_s": round(done - start, 4)}
+            items = [{"png_base64": e, "seed": s} for e, s in zip(encoded, seeds)]
             return JSONResponse({"images": items, "timings": timings, **extra})
+
+        async def _model(self, method, job: dict) -> tuple[dict, dict]:
+            """A model call and its timings: the pipeline's own time in the replica, and the
+            round trip seen from here (the difference is the hop and any batching wait)."""
+            start = time.perf_counter()
+            result = await self._call(method, job)
+            timings = {"generate_s": round(result["generate_s"], 4),
+                       "model_call_s": round(time.perf_counter() - start, 4)}  # fmt: skip
+            if "batch" in result:
+                timings["batch"] = result["batch"]
+            return result, timings
 
         # --- routes ---------------------------------------------------------------------------
 
         @api.get("/healthz")
         async def healthz(self) -> dict:
+            """Open to load balancers; says nothing about the server."""
+            return {"status": "ok"}
+
+        @api.get("/v1/info", responses=answers(401, 413))
+        async def info(self) -> dict:
+            """The routes this server has and the adapters a request may name."""
             from diffplat.serving.adapters import registry_names
 
-            return {"status": "ok", "routes": sorted(routes), "adapters": registry_names(self.settings.adapters)}
+            return {"routes": sorted(routes), "adapters": registry_names(self.settings.adapters),
+                    "limits": self.settings.limits.model_dump()}  # fmt: skip
 
-        @api.get("/v1/stats")
-        async def stats(self, request: Request) -> dict:
+        @api.get("/v1/stats", responses=answers(401, 413, 503))
+        async def stats(self) -> dict:
             """One replica's figures per deployment (memory, requests, adapters, batch sizes)."""
-            self._auth(request)
             handles = {"generator": self.generator, "ic_lora": self.filler, "controlnet": self.maps,
                        "detector": self.detector}  # fmt: skip
             out = {}
@@ -143,9 +261,8 @@ def make_ingress(routes: frozenset[str]):
 
         if "generate" in routes:
 
-            @api.post("/v1/generate")
-            async def generate(self, body: GenerateRequest, request: Request, format: str = "json"):
-                self._auth(request)
+            @api.post("/v1/generate", responses={**IMAGE_ANSWER, **answers(400, 401, 413, 422, 503)})
+            async def generate(self, body: GenerateRequest, request: Request, format: Literal["json", "png"] = "json"):
                 start = time.perf_counter()
                 s = self.settings
                 width, height = body.width or s.default_resolution[0], body.height or s.default_resolution[1]
@@ -153,9 +270,9 @@ def make_ingress(routes: frozenset[str]):
                        "scheduler": body.scheduler}  # fmt: skip
                 if body.filter is not None and self.detector is None:
                     raise reject("filter", "this server has no detector configured")
-                result = await self._call(self.generator.generate, job)
+                await self._adapter_ready(self.generator, body.adapter)
+                result, timings = await self._model(self.generator.generate, job)
                 extra = {}
-                timings = {"generate_s": round(result["generate_s"], 4), "batch": result["batch"]}
                 if body.filter is not None:
                     from diffplat.filter.rules import Detection, decide
 
@@ -167,86 +284,109 @@ def make_ingress(routes: frozenset[str]):
                         counted = [d for d in detections if d["confidence"] >= body.filter.min_confidence]
                         verdicts.append({"keep": keep, "reasons": why, "detections": counted})
                     extra["filter"] = verdicts
-                timings["total_s"] = round(time.perf_counter() - start, 4)
-                return self._respond(request, format, result["images"], result["seeds"], timings, **extra)
+                return await self._respond(request, format, result["images"], result["seeds"], timings, start, **extra)
 
         if "ic-lora" in routes:
 
-            @api.post("/v1/ic-lora")
-            async def ic_lora(self, body: IcLoraRequest, request: Request, format: str = "json"):
+            @api.post("/v1/ic-lora", responses={**IMAGE_ANSWER, **answers(400, 401, 413, 415, 422, 503)})
+            async def ic_lora(self, body: IcLoraRequest, request: Request, format: Literal["json", "png"] = "json"):
                 from diffplat.data.composites import CompositeError, Layout
+                from diffplat.infer.panels import working_size
 
-                self._auth(request)
                 start = time.perf_counter()
+                lim = self.settings.limits
                 job = self._sampling(body, None, None)
-                image = self._upload("image", body.image)
                 try:
                     layout = Layout.parse(body.layout)
                 except CompositeError as err:
                     raise reject("layout", str(err)) from None
+                if layout.panels > lim.max_panels:
+                    raise reject("layout", f"layout {layout} has {layout.panels} panels, at most {lim.max_panels}")
                 try:
                     panels = layout.check_panels(body.panels_to_inpaint, "panels_to_inpaint")
                     if len(panels) == layout.panels:
                         raise CompositeError(f"panels_to_inpaint names every panel of layout {layout}")
                 except CompositeError as err:
                     raise reject("panels_to_inpaint", str(err)) from None
+                image = await self._upload("image", body.image)
+                if max(image.size) > lim.max_side:
+                    raise reject("image", f"the composite is {image.width}x{image.height}; at most {lim.max_side} "
+                                 "a side")  # fmt: skip
                 try:
                     layout.check_size(image.width, image.height, "image")
                 except CompositeError as err:
                     raise reject("image", str(err)) from None
+                if image.width // layout.cols < 8 or image.height // layout.rows < 8:
+                    raise reject("image", f"a {image.width}x{image.height} composite of layout {layout} has panels "
+                                 "smaller than 8 pixels (one latent cell)")  # fmt: skip
+                # The pipeline works at whole latent cells a panel: that size is what is bounded.
+                width, height = working_size(layout, image.width, image.height)
+                if max(width, height) > lim.max_side:
+                    raise reject("image", f"the composite works at {width}x{height} (whole latent cells a panel); "
+                                 f"at most {lim.max_side} a side")  # fmt: skip
+                steps = job["num_inference_steps"]
+                denoised = min(int(steps * body.strength), steps)  # as diffusers' get_timesteps counts them
+                if denoised < 1:
+                    raise reject("strength", f"strength {body.strength} x {steps} steps leaves no denoising step; "
+                                 f"raise strength or num_inference_steps")  # fmt: skip
+                self._budget(body.num_images, width, height, denoised)
                 job.update(image=image, options={
                     "panels": tuple(panels), "layout": str(layout), "negative_prompt": body.negative_prompt or None,
-                    "num_inference_steps": job["num_inference_steps"], "guidance_scale": body.guidance_scale,
+                    "num_inference_steps": steps, "guidance_scale": body.guidance_scale,
                     "strength": body.strength, "use_gradient_mask": body.use_gradient_mask,
                     "gradient_width": body.gradient_width, "adapter_scale": body.adapter_scale})  # fmt: skip
-                result = await self._call(self.filler.fill, job)
-                timings = {"generate_s": round(result["generate_s"], 4), "total_s": round(time.perf_counter() - start, 4)}
+                await self._adapter_ready(self.filler, body.adapter)
+                result, timings = await self._model(self.filler.fill, job)
                 extra = {}
                 if body.comparison:
                     from diffplat.serving.images import png_base64
 
-                    extra["comparisons"] = [png_base64(c) for c in result["comparisons"]]
-                return self._respond(request, format, result["images"], result["seeds"], timings, **extra)
+                    extra["comparisons"] = await asyncio.to_thread(lambda: [png_base64(c) for c in result["comparisons"]])
+                return await self._respond(request, format, result["images"], result["seeds"], timings, start, **extra)
 
         if "controlnet" in routes:
 
-            @api.post("/v1/controlnet")
-            async def controlnet(self, body: ControlNetRequest, request: Request, format: str = "json"):
-                import numpy as np
-                from PIL import Image
-
-                from diffplat.data.bdd import MaskError, colorize_mask, mask_to_ids
-
-                self._auth(request)
+            @api.post("/v1/controlnet", responses={**IMAGE_ANSWER, **answers(400, 401, 413, 415, 422, 503)})
+            async def controlnet(self, body: ControlNetRequest, request: Request,
+                                 format: Literal["json", "png"] = "json"):  # fmt: skip
                 start = time.perf_counter()
-                upload = self._upload("image", body.image)
+                self._sampling(body, None, None)  # the cheap checks first, before decoding the upload
+                upload = await self._upload("image", body.image)
                 width, height = body.width or upload.width, body.height or upload.height
                 job = self._sampling(body, width, height)
-                if body.segmentation:  # grey train ids or a colour map: both become the palette map
-                    try:
-                        upload = Image.fromarray(colorize_mask(mask_to_ids(np.asarray(upload), "image")))
-                    except MaskError as err:
-                        raise reject("image", str(err)) from None
-                # nearest-neighbour keeps the palette colours exact
-                job.update(map=upload.resize((width, height), Image.NEAREST), width=width, height=height,
-                           conditioning_scale=body.conditioning_scale)  # fmt: skip
-                result = await self._call(self.maps.generate, job)
-                timings = {"generate_s": round(result["generate_s"], 4), "total_s": round(time.perf_counter() - start, 4)}
-                return self._respond(request, format, result["images"], result["seeds"], timings)
+                try:
+                    control = await asyncio.to_thread(_control_map, upload, body.segmentation, width, height)
+                except ValueError as err:  # MaskError: not a map of train ids or palette colours
+                    raise reject("image", str(err)) from None
+                job.update(map=control, width=width, height=height, conditioning_scale=body.conditioning_scale)
+                await self._adapter_ready(self.maps, body.adapter)
+                result, timings = await self._model(self.maps.generate, job)
+                return await self._respond(request, format, result["images"], result["seeds"], timings, start)
 
         if "detect" in routes:
 
-            @api.post("/v1/detect")
-            async def detect(self, body: DetectRequest, request: Request):
-                self._auth(request)
+            @api.post("/v1/detect", responses=answers(400, 401, 413, 415, 422, 503))
+            async def detect(self, body: DetectRequest):
                 start = time.perf_counter()
-                image = self._upload("image", body.image)
+                image = await self._upload("image", body.image)
                 detections = await self._call(self.detector.detect, image)
                 counted = [d for d in detections if d["confidence"] >= body.min_confidence]
                 return {"detections": counted, "width": image.width, "height": image.height,
                         "timings": {"total_s": round(time.perf_counter() - start, 4)}}  # fmt: skip
 
     return Api
+
+
+def _control_map(upload, segmentation: bool, width: int, height: int):
+    """The uploaded map as the palette image ControlNet was trained on, at the asked size."""
+    import numpy as np
+    from PIL import Image
+
+    from diffplat.data.bdd import colorize_mask, mask_to_ids
+
+    if segmentation:  # grey train ids or a colour map: both become the palette map
+        upload = Image.fromarray(colorize_mask(mask_to_ids(np.asarray(upload), "image")))
+    return upload.resize((width, height), Image.NEAREST)  # nearest-neighbour keeps the palette colours exact
 
 
 def resolve_settings(args: ServeConfig | dict, workdir: str | Path | None = None) -> ServeConfig:
@@ -285,8 +425,14 @@ def compose(settings: ServeConfig, options: dict[str, dict] | None = None) -> Ap
     def bound(deployment, name):
         return (deployment.options(**options[name]) if options.get(name) else deployment).bind(spec)
 
-    # Read where the application is built: only the key's hash travels to the replicas.
-    key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    key_hash = None
+    if settings.auth == "key":  # read where the application is built: only its hash travels on
+        key = os.environ.get(settings.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"serve: auth is 'key' (the default) but the environment variable "
+                              f"{settings.api_key_env} (api_key_env) is missing or empty where the application is "
+                              f"built; set it, or set `auth: none` for an open API on 127.0.0.1")  # fmt: skip
+        key_hash = _key_hash(key)
     handles = {
         "generator": bound(Generator, "Generator"),
         "filler": bound(PanelFiller, "PanelFiller") if settings.inpaint_model else None,
@@ -295,9 +441,9 @@ def compose(settings: ServeConfig, options: dict[str, dict] | None = None) -> Ap
     }
     routes = frozenset({"generate"} | {r for r, h in (("ic-lora", "filler"), ("controlnet", "maps"),
                                                        ("detect", "detector")) if handles[h] is not None})  # fmt: skip
-    api = make_ingress(routes)
+    api = make_ingress(routes, key_hash, max_body_bytes(settings))
     api = api.options(**options["Api"]) if options.get("Api") else api
-    return api.bind(spec, _key_hash(key) if key else None, **handles)
+    return api.bind(spec, **handles)
 
 
 def read_serve_config(path: str | Path) -> tuple[dict, dict, dict]:
@@ -326,19 +472,19 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
     import ray
 
     from diffplat.cluster import init_options
-    from diffplat.config import ConfigError
 
     args, options, http = read_serve_config(path)
     try:
         settings = resolve_settings(args, workdir)
     except ValueError as err:  # pydantic's ValidationError is one
         raise ConfigError(f"{path}: invalid serve args\n{err}") from None
+    app = compose(settings, options)  # before Ray starts: a missing API key is one line, at once
     host, port = http.get("host", "127.0.0.1"), port or http.get("port", 8000)
     options_ray = init_options(None, num_cpus)
     own = options_ray.get("address") == "local"  # else a cluster's (RAY_ADDRESS): leave its Serve running
     ray.init(**options_ray, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(compose(settings, options), name="diffplat", route_prefix="/")
+    serve.run(app, name="diffplat", route_prefix="/")
     print(f"diffplat serve: http://{host}:{port}  (API docs at http://{host}:{port}/docs; Ctrl-C stops)", flush=True)
     stop = {"now": False}
     for sig in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or SSH session went away
