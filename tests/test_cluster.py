@@ -68,6 +68,8 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `diffplat` is this environment's
+    # the HTTP API's key in the cluster's environment: serve/diffplat.yaml (auth: key) refuses to build without it
+    env["DIFFPLAT_API_KEY"] = "a-key-for-this-test"
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # Ray 2.60's default: token authentication on for `ray start`
     # Every port of its own: the agents' defaults (52365, ...) are taken while this session's Ray runs,
@@ -137,7 +139,8 @@ def test_a_job_submitted_to_a_head_with_token_auth(tmp_path, tiny_sdxl):
         assert len({a["job_id"] for a in replicas}) == 2, [a.get("class_name") for a in json.loads(state.stdout)]
 
         # `serve deploy` of the shipped GPU config: the cluster builds the app from import_path and
-        # args alone (its GPU replicas wait for GPUs this machine lacks; the build must not fail)
+        # args alone, its API key from the cluster's environment (its GPU replicas wait for GPUs
+        # this machine lacks; the build must not fail)
         deploy = subprocess.run([str(BIN / "serve"), "deploy", str(REPO / "serve" / "diffplat.yaml"), "--address",
                                  f"http://127.0.0.1:{dashboard}"], env=submit_env, capture_output=True, text=True,
                                 timeout=120)  # fmt: skip
