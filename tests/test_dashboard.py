@@ -93,3 +93,30 @@ def _listening(pid: int, port: int):
         for conn in proc.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
                 yield conn
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_the_dashboard_stops_its_server_on_a_signal(tmp_path, sig):
+    """SIGTERM, or SIGHUP as when the SSH session of `ray exec ... --port-forward` ends: the MLflow
+    server it started stops with it, every process of it, and the port is free again."""
+    import psutil
+
+    port = _free_port()
+    board = subprocess.Popen([sys.executable, "-m", "diffplat.cli", "mlflow", "--workdir", str(tmp_path), "--port",
+                              str(port)], start_new_session=True, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            assert board.poll() is None and time.time() < deadline, "the MLflow server did not come up"
+            time.sleep(0.5)
+    family = [psutil.Process(board.pid), *psutil.Process(board.pid).children(recursive=True)]
+    assert len(family) > 1  # the server runs in processes of its own
+    board.send_signal(sig)
+    assert board.wait(timeout=30) is not None
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    with socket.socket() as s:  # the port is free: binding it again works
+        s.bind(("127.0.0.1", port))

@@ -69,8 +69,9 @@ def images(tmp_path_factory):
 def test_filter_with_a_real_yolo_writes_labels_report_and_dataset(images, local_ray):
     config = FilterConfig(imgsz=128, rules=FilterRules(min_confidence=0.0, min_count=0))
     report = run_filter(config, images, "yolov8n.yaml")
-    assert sorted(p.name for p in (images / "labels").iterdir()) == ["000000.txt", "000001.txt", "000002.txt"]
-    assert sorted(p.name for p in (images / "annotated").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    # (besides the .diffplat marker that says diffplat wrote the folder)
+    assert sorted(p.name for p in (images / "labels").glob("[!.]*")) == ["000000.txt", "000001.txt", "000002.txt"]
+    assert sorted(p.name for p in (images / "annotated").glob("[!.]*")) == ["000000.png", "000001.png", "000002.png"]
     saved = json.loads((images / "filter_report.json").read_text())
     assert saved["images"] == 3 and saved["kept"] + saved["rejected"] == 3
     assert set(saved["per_image"]) == {"000000.png", "000001.png", "000002.png"}
@@ -175,4 +176,4 @@ def test_two_images_with_one_base_name_keep_their_own_labels(tmp_path, local_ray
     report = run_filter(FilterConfig(imgsz=64, save_annotated=False), tmp_path, "yolov8n.yaml")
     assert report["images"] == 3 and report["rejection_reasons"]["same base name as another image"] == 1
     assert report["per_image"]["x.png"]["reasons"][0].startswith("same base name as x.jpg")
-    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["x.txt", "y.txt"]
+    assert sorted(p.name for p in (tmp_path / "labels").glob("[!.]*")) == ["x.txt", "y.txt"]

@@ -35,16 +35,38 @@ def serve_dashboard(workdir: str | Path, host: str = "127.0.0.1", port: int = 50
         log.warning("listening on %s: anyone who reaches this port can read and change every run", host)
     else:
         log.info("from your machine, when this runs on a cluster's head:  ssh -L %d:127.0.0.1:%d <head>", port, port)
-    # MLflow starts worker processes: its own process group, so Ctrl-C stops all of them.
+    # MLflow starts worker processes: in a process group of its own, which is stopped whole
+    # however this process is asked to end (Ctrl-C, SIGTERM, or SIGHUP when the SSH session of
+    # `ray exec ... --port-forward` ends): no server is left holding the port.
     proc = subprocess.Popen(server_command(workdir, host, port), start_new_session=True)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         return 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_group(proc)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """End `proc`'s process group: SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass

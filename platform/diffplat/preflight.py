@@ -46,9 +46,15 @@ class Preflight:
     def __init__(self, resolve: Callable[[str], Path]):
         self.resolve = resolve
         self.problems: list[str] = []
+        self.inputs: list[tuple[str, Path]] = []  # (field, path) of every local input checked
+
+    def _input(self, field: str, value: str | None) -> None:
+        if value is not None and "://" not in value and self.resolve(value).exists():
+            self.inputs.append((field, self.resolve(value).resolve()))
 
     def model(self, field: str, value: str | None, needs: str, what: str) -> None:
         """A diffusers model: a local folder holding `needs`, or a hub id."""
+        self._input(field, value)
         if value is None:
             return
         local = self.resolve(value)
@@ -65,6 +71,7 @@ class Preflight:
             self.problems.append(f"{field}: {value} is not there (neither a folder nor a hub id like org/name)")
 
     def lora(self, field: str, value: str | None) -> None:
+        self._input(field, value)
         if value is None:
             return
         from diffplat.models.lora import LoraFileError, lora_location
@@ -76,18 +83,22 @@ class Preflight:
             self.problems.append(f"{field}: {err}")
 
     def folder(self, field: str, value: str | None) -> None:
+        self._input(field, value)
         if value is not None and "://" not in value and not self.resolve(value).is_dir():
             self.problems.append(f"{field}: {value} is not a folder")
 
     def file(self, field: str, value: str | None) -> None:
+        self._input(field, value)
         if value is not None and "://" not in value and not self.resolve(value).is_file():
             self.problems.append(f"{field}: {value} is not a file")
 
     def file_or_folder(self, field: str, value: str) -> None:
+        self._input(field, value)
         if "://" not in value and not self.resolve(value).exists():
             self.problems.append(f"{field}: {value} is neither a file nor a folder")
 
     def shards(self, field: str, value: str) -> None:
+        self._input(field, value)
         if "://" in value:
             return
         folder = self.resolve(value)
@@ -97,6 +108,7 @@ class Preflight:
             self.problems.append(f"{field}: {value} holds no Parquet shards (written by a prepare stage)")
 
     def cache(self, field: str, value: str) -> None:
+        self._input(field, value)
         from diffplat.data.cache import CACHE_INFO
 
         folder = self.resolve(value)
@@ -211,5 +223,33 @@ def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
                 check.file_or_folder(f"evaluate.synthetic.{name}", value)
         if not e.detector.model.endswith((".yaml", ".yml")):
             check.file("evaluate.detector.model", e.detector.model)
+    check.problems += _overlaps(config, resolve, check.inputs)
     if check.problems:
         raise PreflightError("\n".join(check.problems))
+
+
+def _overlaps(config: JobConfig, resolve: Callable[[str], Path], inputs: list[tuple[str, Path]]) -> list[str]:
+    """An output a stage replaces whole must not be, or hold, the work folder, an input of the
+    job, or another stage's output: a one-character slip (`train.output: .`) would replace them."""
+    stages = {"prepare": config.prepare, "cache": config.cache, "train": config.train, "generate": config.generate,
+              "evaluate": config.evaluate}  # fmt: skip
+    outputs = {f"{name}.output": resolve(stage.output).resolve() for name, stage in stages.items() if stage}
+    replaced = {k: v for k, v in outputs.items() if not k.startswith("prepare.")}  # prepare fills its folder
+    work = resolve(".").resolve()
+    problems = []
+
+    def holds(outer: Path, inner: Path) -> bool:
+        return inner == outer or outer in inner.parents
+
+    for field, out in replaced.items():
+        if holds(out, work):
+            problems.append(f"{field}: {out} is the work folder or holds it; it would be replaced whole: name a "
+                            f"folder of its own, e.g. {field.split('.')[0]}-output")  # fmt: skip
+            continue
+        for name, path in inputs:
+            if holds(out, path):
+                problems.append(f"{field}: {out} holds {name} ({path}), which the job reads; it would be replaced")
+        for other, path in outputs.items():
+            if other != field and holds(out, path):
+                problems.append(f"{field}: {out} holds {other} ({path}); it would be replaced")
+    return problems

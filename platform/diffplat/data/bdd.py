@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -67,8 +68,13 @@ class FrameLabels:
     unknown_categories: tuple[str, ...] = ()
 
 
-def _attr(value) -> str | None:
-    return None if value in (None, "", "undefined") else str(value)
+def _attr(attributes: dict, key: str, name: str) -> str | None:
+    value = attributes.get(key)
+    if value is None or value in ("", "undefined"):
+        return None
+    if not isinstance(value, str):
+        raise LabelError(f"{name}: attribute `{key}` must be text, got {type(value).__name__}")
+    return value
 
 
 def parse_frame(record: dict, where: str = "") -> FrameLabels:
@@ -101,14 +107,17 @@ def parse_frame(record: dict, where: str = "") -> FrameLabels:
         box = obj.get("box2d")
         if isinstance(box, dict) and all(k in box for k in ("x1", "y1", "x2", "y2")):
             try:
-                boxes.append((category, *(float(box[k]) for k in ("x1", "y1", "x2", "y2"))))
-            except (TypeError, ValueError):
+                corners = tuple(float(box[k]) for k in ("x1", "y1", "x2", "y2"))
+            except (TypeError, ValueError, OverflowError):
                 raise LabelError(f"{name}: a {category} box has a coordinate that is not a number") from None
+            if not all(math.isfinite(v) for v in corners):  # NaN or infinity: no box at all
+                raise LabelError(f"{name}: a {category} box has a coordinate that is not finite ({corners})")
+            boxes.append((category, *corners))
     return FrameLabels(
         name=name,
-        weather=_attr(attributes.get("weather")),
-        scene=_attr(attributes.get("scene")),
-        timeofday=_attr(attributes.get("timeofday")),
+        weather=_attr(attributes, "weather", name),
+        scene=_attr(attributes, "scene", name),
+        timeofday=_attr(attributes, "timeofday", name),
         counts=counts,
         boxes=tuple(boxes),
         unknown_categories=tuple(unknown),
@@ -131,6 +140,17 @@ def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
             return
         try:
             value, end = decoder.raw_decode(buffer, offset)
+        except RecursionError:  # nested deeper than Python's JSON reader goes: step over the record
+            end = _value_end(buffer, offset)
+            if end is None:  # its end is in a later chunk
+                if ended or len(buffer) - offset > MAX_RECORD:
+                    raise LabelError(f"{where}: record {index} is nested too deep and never ends; the rest is "
+                                     "skipped") from None  # fmt: skip
+                chunk = f.read(CHUNK)
+                ended = not chunk
+                buffer, offset = buffer[offset:] + chunk, 0
+                continue
+            value = LabelError(f"{where}[{index}]: the record is nested too deep to read")
         except json.JSONDecodeError as err:
             if ended or len(buffer) - offset > MAX_RECORD:
                 raise LabelError(f"{where}: malformed JSON after record {index} ({err.msg}); the rest is skipped") from None
@@ -149,6 +169,30 @@ def _json_values(f, where: str) -> Iterator[tuple[int, object]]:
         index, offset = index + 1, end
         if offset > CHUNK:
             buffer, offset = buffer[offset:], 0
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON array or object at `start` ends (past its closing bracket), found without
+    recursion; None when it does not end within `text`."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
 
 
 ARRAY_START = re.compile(rb'(?:\xef\xbb\xbf)?\s*(\[|\{\s*"frames"\s*:\s*\[|\{)')
@@ -183,7 +227,7 @@ def iter_label_records(path: Path) -> Iterator[tuple[str, object]]:
     try:
         f, in_list = _open_records(path)
         records = None if in_list else [(path.name, json.load(f))]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LabelFileError(f"{path}: cannot read label JSON: {err}") from None
     with f:
         if records:

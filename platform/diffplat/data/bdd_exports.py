@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def yolo_lines(item: Labelled) -> str:
     """One line per box: class id, centre x, centre y, width, height, each in 0..1."""
     lines = []
     for cls, x1, y1, x2, y2 in item.boxes:
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            continue  # parse_frame refuses these; never a NaN in a label file
         x1, x2 = sorted((min(max(x1, 0), item.width), min(max(x2, 0), item.width)))
         y1, y2 = sorted((min(max(y1, 0), item.height), min(max(y2, 0), item.height)))
         if x2 - x1 < 1 or y2 - y1 < 1:
@@ -55,7 +58,7 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_source4_exports(out: Path, items: list[Labelled]) -> None:
-    with replace_dir(out / "captions") as tmp:
+    with replace_dir(out / "captions", "captions folder", ("../prepare_report.json",)) as tmp:
         for item in items:
             (tmp / f"{item.image.stem}.txt").write_text(item.caption + "\n", encoding="utf-8")
     write_text_atomic(out / "bdd_hf_dataset_lora_train.csv",
@@ -69,7 +72,7 @@ def write_source4_exports(out: Path, items: list[Labelled]) -> None:
 def write_yolo(folder: Path, items: list[Labelled], split: str = "train") -> None:
     """A YOLO detection set of `items` (images linked, one label file each, an empty one for an
     image with no boxes), replacing `folder` whole."""
-    with replace_dir(folder) as tmp:
+    with replace_dir(folder, "YOLO export", ("../prepare_report.json",)) as tmp:
         for sub in (f"images/{split}", f"labels/{split}"):
             (tmp / sub).mkdir(parents=True)
         for item in items:

@@ -378,7 +378,7 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
     # SPREAD: the encoders on as many nodes as there are (each writes what it encodes)
     replica = ray.remote(CacheReplica).options(num_gpus=c.gpus_per_replica, num_cpus=c.cpus_per_replica,
                                                max_concurrency=2, scheduling_strategy="SPREAD")  # fmt: skip
-    with replace_dir(output) as tmp:
+    with replace_dir(output, "cache", (CACHE_INFO,)) as tmp:
         replicas = [replica.remote(spec, str(tmp), rank) for rank in range(c.replicas)]
         pending = [r.run.remote(s) for r, s in zip(replicas, streams)]
         ticker = Ticker()

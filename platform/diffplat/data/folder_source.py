@@ -34,6 +34,12 @@ def _from_metadata(folder: Path, column: str, skips: Skips) -> Iterator[tuple[Pa
             except json.JSONDecodeError as err:
                 skips.add(f"not JSON ({err.msg})", where)
                 continue
+            except RecursionError:
+                skips.add("nested too deep to read", where)
+                continue
+            if not isinstance(record, dict):
+                skips.add(f"not a JSON object ({type(record).__name__})", where)
+                continue
             name, caption = record.get("file_name"), record.get(column)
             if not isinstance(name, str) or not name:
                 skips.add("no file_name", where)

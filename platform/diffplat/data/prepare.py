@@ -71,7 +71,7 @@ def prepare_composites(config: PrepareConfig, resolve) -> dict:
     index = [{"id": r["id"], "caption": r["caption"], "layout": r["layout"],
               "panels": [Path(p).name for p in items[r["n"]].get("panels", ())] or None} for r in built.rows()]  # fmt: skip
     if c.groups != "existing":
-        with replace_dir(out / "composites") as images_out:
+        with replace_dir(out / "composites", "composites folder", ("../prepare_report.json",)) as images_out:
             for row in iter_rows(out / "shards", columns=["id", "image", "caption"]):
                 (images_out / f"{row['id']}.png").write_bytes(row["image"])
                 (images_out / f"{row['id']}.txt").write_text(row["caption"] + "\n")

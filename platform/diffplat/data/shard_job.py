@@ -33,7 +33,7 @@ from PIL import Image
 
 from diffplat.console import Ticker
 from diffplat.data.shards import read_shard_meta, write_shard
-from diffplat.fileio import link_or_copy, swap_in, write_json_atomic
+from diffplat.fileio import check_ours, link_or_copy, mark, swap_in, write_json_atomic
 
 log = logging.getLogger("diffplat")
 
@@ -177,8 +177,10 @@ def build_shards(items: Sequence[dict], make_row: RowMaker, final: Path, rows_pe
 
         use_ray = ray.is_initialized()
     final = Path(final)
+    check_ours(final, "shards folder", (MANIFEST,))
     staging = final.with_name(f".{final.name}.partial")
     staging.mkdir(parents=True, exist_ok=True)
+    mark(staging, "shards folder")
     settings_text = json.dumps(settings, sort_keys=True, default=str)
     plans = []
     for k, first in enumerate(range(0, len(items), rows_per_shard)):

@@ -348,7 +348,7 @@ def mix(real_train: YoloSet, synthetic: Sequence[tuple[YoloSet, float]], out_fol
                                  f"a detector must not train on its validation images")  # fmt: skip
 
     files, images, dropped = [], {}, {}
-    with replace_dir(out) as tmp:
+    with replace_dir(out, "evaluation mix") as tmp:
         (tmp / "images/train").mkdir(parents=True)
         (tmp / "labels/train").mkdir(parents=True)
         stems: dict[str, Path] = {}  # x.png and x.jpg would share one label file

@@ -62,7 +62,7 @@ def write_gallery(folder: Path, per_image: dict[str, dict], metadata: dict[str, 
     pages = [names[i : i + per_page] for i in range(0, len(names), per_page)] or [[]]
     files = ["index.html"] + [f"page_{i:04d}.html" for i in range(1, len(pages))]
     nav = " ".join(f'<a href="{f}">{i + 1}</a>' for i, f in enumerate(files)) if len(pages) > 1 else ""
-    with replace_dir(folder / "gallery") as tmp:
+    with replace_dir(folder / "gallery", "gallery", ("../filter_report.json",)) as tmp:
         for number, (file, chunk) in enumerate(zip(files, pages), 1):
             figures = [_figure(n, per_image[n], metadata.get(n, {}), folder) for n in chunk]
             title = f"{folder.name}: page {number} of {len(pages)}"

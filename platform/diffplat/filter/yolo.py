@@ -176,8 +176,10 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         else:
             first_of[path.stem] = path
     ticker, nodes, received = Ticker(), Counter(), 0
-    with (replace_dir(folder / "labels") as labels_dir, replace_dir(folder / "annotated") as annotated_dir,
-          replace_dir(folder / "dataset") as dataset_dir):  # fmt: skip
+    ours = ("../filter_report.json",)  # the filter's folders from before the marker
+    with (replace_dir(folder / "labels", "filter output", ours) as labels_dir,
+          replace_dir(folder / "annotated", "filter output", ours) as annotated_dir,
+          replace_dir(folder / "dataset", "filter output", ours) as dataset_dir):  # fmt: skip
         for sub in ("images/train", "labels/train"):
             (dataset_dir / sub).mkdir(parents=True)
         out = {"labels": str(labels_dir), "annotated": str(annotated_dir), "dataset": str(dataset_dir)}

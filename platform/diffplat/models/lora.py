@@ -104,7 +104,7 @@ def save_lora(unet: torch.nn.Module, lora_config, folder: Path, info: dict, text
     for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
         text[f"{name}_lora_layers"] = _layers(encoder)
         text[f"{name}_lora_adapter_metadata"] = text_lora_config.to_dict()
-    with replace_dir(Path(folder)) as tmp:
+    with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
         StableDiffusionXLPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=_layers(unet),

@@ -172,6 +172,6 @@ def write_tiny_model(out: str | Path, kind: TinyKind = "sdxl", seed: int = 0) ->
     """Save a tiny pipeline to `out` (safetensors, diffusers layout), replacing it atomically."""
     out = Path(out)
     pipe = build_tiny_pipeline(kind, seed)
-    with replace_dir(out) as tmp:
+    with replace_dir(out, "tiny model") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out

@@ -426,7 +426,7 @@ class ControlNetObjective(DiffusionObjective):
         from diffplat.fileio import replace_dir
         from diffplat.models.lora import INFO_NAME
 
-        with replace_dir(Path(folder)) as tmp:
+        with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             (tmp / INFO_NAME).write_text(json.dumps({**self.made_how(), **info}, indent=2, default=str) + "\n")
         return Path(folder)

@@ -10,9 +10,11 @@ from pathlib import Path
 from diffplat.config import ConfigError, TrainConfig
 from diffplat.console import TRAIN_LOG_LEVEL
 from diffplat.data.pipeline import training_dataset
-from diffplat.fileio import replace_dir
+from diffplat.fileio import check_ours, replace_dir
 from diffplat.train.checkpoint import ADAPTER_DIR, STATE_FILE, read_state
 from diffplat.train.loop import train_loop_per_worker
+
+ADAPTER_SIGNS = ("adapter_info.json",)  # in every adapter folder diffplat writes
 
 log = logging.getLogger("diffplat")
 
@@ -158,6 +160,7 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     from ray.train.torch import TorchTrainer
 
     config = check_training_data(config)
+    check_ours(output, "adapter", ADAPTER_SIGNS)  # before any worker starts, not after the run
     scaling = config.scaling
     resume = resume_checkpoint(config, name)
     # Each run gets its own folder: Ray Train would otherwise hand a rerun the previous run's
@@ -205,7 +208,7 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
         raise RuntimeError(f"train: the Ray Train run failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("train: the run ended without saving an adapter")
-    with replace_dir(output) as tmp:
+    with replace_dir(output, "adapter", ADAPTER_SIGNS) as tmp:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
     log.info("train: adapter written to %s", output)
