@@ -48,7 +48,7 @@ def test_one_worker_zero0_accumulation_and_checkpoints(tmp_path, tiny_sdxl, bdd_
     lrs = [m.value for m in client.get_metric_history(runs[0].info.run_id, "lr")]
     assert lrs[0] > lrs[-1]  # the linear schedule decays
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "adapter")] == [
-        "adapter/adapter_info.json", "adapter/pytorch_lora_weights.safetensors"]
+        "adapter/.diffplat", "adapter/adapter_info.json", "adapter/pytorch_lora_weights.safetensors"]  # marker: ours
     prepare = client.search_runs([client.get_run(result.run_id).info.experiment_id],
                                  filter_string="tags.`diffplat.stage` = 'prepare'")[0]  # fmt: skip
     assert prepare.data.metrics["skipped/corrupt image"] == 1  # each reason counted in MLflow
