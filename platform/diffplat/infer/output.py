@@ -65,6 +65,9 @@ class GenerationFolder:
                                   f"{', '.join(changed)}); give another output, or set overwrite: true")  # fmt: skip
             self.records = self._finished()
         (self.folder / "images").mkdir(parents=True, exist_ok=True)
+        for sub in ("images", "comparisons"):  # half-written files of a killed run (temporary names)
+            for leftover in (self.folder / sub).glob(".*.tmp-*"):
+                leftover.unlink(missing_ok=True)
         # Rewritten with exactly the finished images: drops a line torn by a kill mid-write.
         self._rewrite_metadata()
         write_json_atomic(saved, settings)
