@@ -18,6 +18,10 @@ os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".cache" / "ultralytics"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# what diffplat sets when it starts a Ray of its own, for the tests' shared one too
+from diffplat.cluster import settle_on_one_machine  # noqa: E402
+
+settle_on_one_machine()
 
 _real_connect = socket.socket.connect
 
@@ -56,6 +60,24 @@ def bdd_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bdd")
     write_synthetic_bdd(out, num_images=12)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`diffplat demo`, run once for every test that reads what it wrote (its three jobs train a
+    LoRA from the cache, a masked In-Context LoRA and a ControlNet, each on 2 workers):
+    (output folder, stdout, stderr). While working on tests, DIFFPLAT_TEST_DEMO=<a demo's output
+    folder> reads that one instead (its console output is then empty)."""
+    import subprocess
+    import sys
+
+    if os.environ.get("DIFFPLAT_TEST_DEMO"):
+        return Path(os.environ["DIFFPLAT_TEST_DEMO"]).resolve(), "", ""
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "demo", "--output", str(out)],
+                          capture_output=True, text=True, timeout=840, env=os.environ.copy())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="session")

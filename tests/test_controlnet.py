@@ -16,7 +16,7 @@ from diffplat.data import bdd
 from diffplat.data.prepare import prepare
 from diffplat.runner import run_job
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)  # the first test to read the demo runs it
 
 ROAD, SKY, CAR = (bdd.SEG_CLASSES.index(c) for c in ("road", "sky", "car"))
 
@@ -141,29 +141,30 @@ def test_bdd_colour_masks_and_bad_masks_in_prepare(bdd_dir, tmp_path):
 # --- training and generation --------------------------------------------------------------------
 
 
+# Training on 2 workers is the demo's ControlNet leg (demo_controlnet.yaml), read here rather than
+# trained a second time; generation from maps runs here, on an untrained ControlNet.
+
+
 @pytest.fixture(scope="module")
-def controlnet_job(tmp_path_factory, tiny_sdxl, bdd_dir, local_ray):
+def from_maps(tmp_path_factory, tiny_sdxl, bdd_dir, local_ray):
+    """generate from BDD masks (one bad map among them) with a ControlNet made from the base
+    UNet, then the filter."""
     import shutil
 
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
     work = tmp_path_factory.mktemp("cn")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
+    ControlNetModel.from_unet(unet).save_pretrained(work / "controlnet", safe_serialization=True)
     labels = [str(p) for p in sorted((bdd_dir / "labels").glob("*.json"))]
     # the masks to generate from, and one bad map among them: it must be skipped, not end the run
     shutil.copytree(bdd_dir / "masks", work / "maps")
     Image.fromarray(np.full((144, 256), 77, np.uint8)).save(work / "maps" / "zzz-bad_train_id.png")
     config = parse_config({
         "name": "cn-test",
-        "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"), "labels": labels}},
-        "train": {
-            "kind": "controlnet", "base_model": str(tiny_sdxl), "data": "data/shards", "output": "adapters/cn",
-            # a map reaches the image through two zero-initialised layers: a high rate moves them in 4 steps
-            "resolution": [64, 64], "max_train_steps": 4, "train_batch_size": 1, "learning_rate": 1e-2,
-            "random_flip": True, "proportion_empty_prompts": 0.2, "log_every": 1,
-            "validation": {"every_n_steps": 2, "num_images": 2, "num_inference_steps": 2},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2},
-        },
         "generate": {
             "kind": "controlnet", "base_model": str(tiny_sdxl), "prompts": ["a driving scene"],
-            "controlnet": {"model": "adapters/cn", "maps": "maps", "bdd_labels": labels},
+            "controlnet": {"model": "controlnet", "maps": "maps", "bdd_labels": labels},
             "resolution": [64, 64], "num_inference_steps": 3, "seed": 5, "output": "from-maps",
         },
         "filter": {"images": "from-maps", "imgsz": 64},
@@ -171,25 +172,32 @@ def controlnet_job(tmp_path_factory, tiny_sdxl, bdd_dir, local_ray):
     return work, run_job(config, work)
 
 
-def test_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(controlnet_job, tiny_sdxl):
+def test_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(demo):
+    import mlflow
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    work, result = controlnet_job
-    folder = work / "adapters" / "cn"
+    out = demo[0]
+    folder = out / "adapters" / "controlnet"
     assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(folder.glob("*.bin"))
     info = json.loads((folder / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 4
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
     trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
-    fresh = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True))
+    unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
+    fresh = ControlNetModel.from_unet(unet)
     zero_convs = [k for k, v in fresh.state_dict().items() if k.startswith("controlnet_down_blocks") and not v.any()]
     assert zero_convs, "a new ControlNet's output convolutions start at zero"
     trained_state = trained.state_dict()
     assert all(trained_state[k].any() for k in zero_convs), "training must move them"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    train = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
+                               filter_string="tags.`diffplat.job` = 'demo-controlnet' and tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "validation")] == [
+        "validation/step_000010.png", "validation/step_000020.png"]
 
 
-def test_generation_from_maps_is_named_after_them_and_filtered(controlnet_job, bdd_dir):
-    work, result = controlnet_job
+def test_generation_from_maps_is_named_after_them_and_filtered(from_maps):
+    work, result = from_maps
     out = work / "from-maps"
     meta = [json.loads(l) for l in (out / "metadata.jsonl").read_text().splitlines()]
     masks = sorted((work / "maps").glob("synth-*.png"))
@@ -204,22 +212,15 @@ def test_generation_from_maps_is_named_after_them_and_filtered(controlnet_job, b
     assert "zzz-bad_train_id.png: mask has ids outside 0-18 and 255 (77)" in (out / "skipped.txt").read_text()
     assert (out / "comparisons" / Path(meta[0]["file_name"]).name).is_file()
     assert result.outputs["filter"]["images"] == len(masks)
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
-    train = client.search_runs([client.get_run(result.run_id).info.experiment_id],
-                               filter_string="tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
-    assert [a.path for a in client.list_artifacts(train.info.run_id, "validation")] == [
-        "validation/step_000002.png", "validation/step_000004.png"]
 
 
-def test_trained_controlnet_in_stock_diffusers(controlnet_job, tiny_sdxl):
+def test_trained_controlnet_in_stock_diffusers(demo):
     """Two maps give two images (same prompt and seed); scale 0 gives the base model's image."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-    work, _ = controlnet_job
-    net = ControlNetModel.from_pretrained(work / "adapters" / "cn", local_files_only=True)
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl, controlnet=net, local_files_only=True)
+    out = demo[0]
+    net = ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(out / "base-model", controlnet=net, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     maps = [Image.fromarray(bdd.colorize_mask(_mask((64, 64), car=c))) for c in (True, False)]
     other = np.full((64, 64), bdd.SEG_CLASSES.index("building"), np.uint8)
@@ -232,6 +233,6 @@ def test_trained_controlnet_in_stock_diffusers(controlnet_job, tiny_sdxl):
 
     a, b = image(maps[0]), image(maps[2])
     assert np.abs(a - b).max() > 1e-3, "two different maps must give two different images"
-    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    base = StableDiffusionXLPipeline.from_pretrained(out / "base-model", local_files_only=True)
     base.set_progress_bar_config(disable=True)
     assert np.array_equal(image(maps[0], scale=0.0), image(None, p=base))

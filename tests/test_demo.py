@@ -17,15 +17,6 @@ from PIL import Image
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo-output"
-    proc = subprocess.run([sys.executable, "-m", "diffplat", "demo", "--output", str(out)],
-                          capture_output=True, text=True, timeout=840, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc.stdout, proc.stderr
-
-
 def test_demo_writes_every_stage(demo):
     out, stdout, stderr = demo
     assert (out / "base-model" / "model_index.json").is_file()
@@ -183,11 +174,12 @@ def test_demo_ic_lora_in_stock_diffusers(demo):
 
 
 def test_diffplat_serve_with_no_config_serves_the_demo(demo):
-    """`diffplat serve` (the packaged local config) on the demo's models, over HTTP, then SIGTERM."""
+    """`diffplat serve` (the packaged local config) on the demo's models, over HTTP, then SIGHUP."""
     import signal
     import socket
     import time
 
+    import psutil
     import requests
 
     out = demo[0]
@@ -210,9 +202,27 @@ def test_diffplat_serve_with_no_config_serves_the_demo(demo):
         r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
                           json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 4})  # fmt: skip
         assert r.status_code == 200 and r.json()["images"][0]["png_base64"]
+        # the SSH session of `ray exec ... --port-forward` ends: SIGHUP to diffplat alone, which
+        # stops Serve and the Ray it started: nothing of its group left, the port free again
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=120)
+        left = [p for p in psutil.process_iter(["pid"]) if _group_of(p) == proc.pid]
+        assert not left, [(p.pid, p.name()) for p in left]
+        with socket.socket() as s:  # as a server binds it (connections just closed may linger in TIME_WAIT)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None or any(_group_of(p) == proc.pid for p in psutil.process_iter()):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+
+
+def _group_of(process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):

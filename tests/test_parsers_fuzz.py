@@ -76,3 +76,41 @@ def test_metadata_lines_are_objects_or_passed_over(tmp_path, values):
     skips = Skips()
     found = list(_from_metadata(tmp_path, "text", skips))  # every line either an item or a counted skip
     assert len(found) + sum(skips.reasons.values()) == sum(1 for line in lines if line.strip())
+
+
+CELL = st.text(max_size=12) | st.sampled_from(['"', '""', "\x00", "\r", "a\nb", "x" * 140_000, "../x.png", "good.png"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(CELL, max_size=4), max_size=6), st.integers(0, 6))
+def test_csv_index_lines_are_items_or_skips_with_reasons(tmp_path, rows, bad_at):
+    """Source 4's CSV indexes with generated cells (quotes, NUL bytes, over-long fields, short
+    and long rows): every line is an item or a counted skip, and the lines after a line the csv
+    module cannot read are still read."""
+    import csv
+    import io
+
+    from diffplat.config import FolderSource, PairsSource
+    from diffplat.data.composite_source import Skips
+    from diffplat.data.folder_source import _from_csv
+    from diffplat.data.pairs_source import _csv_pairs
+
+    (tmp_path / "good.png").write_bytes(b"not read here")
+    (tmp_path / "map.png").write_bytes(b"not read here")
+    def line(row: list[str]) -> str:  # quoted as csv writes it: an open quote would run to the end
+        out = io.StringIO()
+        csv.writer(out, lineterminator="").writerow(row)
+        return out.getvalue()
+
+    lines = [line(row) for row in rows]
+    lines.insert(min(bad_at, len(lines)), '"' + "y" * (csv.field_size_limit() + 10) + '",caption')  # over the limit
+    lines.append("good.png,a caption,map.png")
+    index = tmp_path / "index.csv"
+    index.write_text("image,text,conditioning_image\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    skips = Skips()
+    found = list(_from_csv(index, FolderSource(csv=str(index)), skips))
+    assert (tmp_path / "good.png", "a caption") in found  # the last line, after the unreadable one
+    assert any(reason.startswith("unreadable CSV line") for reason in skips.reasons)
+    pairs = Skips()
+    matched = list(_csv_pairs(PairsSource(csv=str(index)), lambda p: Path(p), pairs))
+    assert (tmp_path / "good.png", tmp_path / "map.png", "a caption") in matched

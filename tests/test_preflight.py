@@ -87,6 +87,14 @@ def test_an_output_that_would_replace_the_work_folder_or_an_input_is_refused(tmp
                            "train.output=."], capture_output=True, text=True, env=os.environ.copy(), timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "train.output" in proc.stderr and "is the work folder" in proc.stderr, proc.stderr
     assert sorted(p.name for p in work.iterdir()) == ["images", "notes.txt"]  # not even mlflow.db
+    # the job file itself, kept in a folder an output names
+    (work / "jobs").mkdir()
+    kept = work / "jobs" / "job.yaml"
+    kept.write_text(job.read_text())
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "run", str(kept), "--workdir", str(work), "--set",
+                           "train.output=jobs"], capture_output=True, text=True, env=os.environ.copy(), timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "train.output" in proc.stderr and "holds the job file" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["images", "jobs", "notes.txt"]
     # an output that holds an input, or another stage's output
     model = tmp_path / "out" / "model"
     model.mkdir(parents=True)

@@ -299,8 +299,11 @@ def test_overload_answers_503_fast_and_the_server_lives_on(server):
     codes = [c for c, _ in results]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1
+    # refused at once, not after waiting in a queue: every refusal is back before half of the
+    # accepted generations are (an order, not a clock: it holds on a slow machine too)
     slowest_503 = max(s for c, s in results if c == 503)
-    assert slowest_503 < 5.0  # refused at once, not after waiting in a queue
+    accepted = sorted(s for c, s in results if c == 200)
+    assert slowest_503 < accepted[len(accepted) // 2], (slowest_503, accepted)
     assert http.post(f"{url}/v1/generate", json={"prompt": "after", "num_inference_steps": 2}).status_code == 200
     assert json.loads(http.get(f"{url}/healthz").text)["status"] == "ok"
 
@@ -410,7 +413,7 @@ def test_the_api_key_fails_closed(tmp_path, tiny_sdxl, monkeypatch):
     assert "DIFFPLAT_KEY_FOR_THIS_TEST" in proc.stderr
 
 
-def test_a_fuzzer_driven_by_the_openapi_document_finds_no_server_error(server):
+def test_a_fuzzer_driven_by_the_openapi_document_finds_no_server_error(server, tmp_path):
     """schemathesis, seeded and bounded, on every route of the live document: no 5xx, no status
     the document does not list; the replicas are the same and healthy after."""
     url, http, *_ = server
@@ -419,8 +422,9 @@ def test_a_fuzzer_driven_by_the_openapi_document_finds_no_server_error(server):
                            "-H", f"Authorization: Bearer {KEY}", "--max-examples", "12", "--seed", "7",
                            "--checks", "not_a_server_error,status_code_conformance", "--workers", "1",
                            "--phases", "examples,coverage,fuzzing",
-                           "--suppress-health-check", "all", "--request-timeout", "60"],
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+                           "--suppress-health-check", "all", "--request-timeout", "60",
+                           "--generation-database", "none"],  # the seed alone decides; nothing kept
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)  # fmt: skip
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert "No issues found" in proc.stdout or "passed" in proc.stdout, report

@@ -54,46 +54,11 @@ def test_one_worker_zero0_accumulation_and_checkpoints(tmp_path, tiny_sdxl, bdd_
     assert prepare.data.metrics["skipped/corrupt image"] == 1  # each reason counted in MLflow
 
 
-def test_resume_from_latest_goes_on_from_the_saved_step(tmp_path, tiny_sdxl, bdd_dir, local_ray):
-    import mlflow
-
-    def job(steps: int, **train):
-        return parse_config({
-            "name": "resume-test",
-            "prepare": {"bdd": {"images": str(bdd_dir / "images"), "seg_masks": str(bdd_dir / "masks"),
-                                "labels": [str(p) for p in (bdd_dir / "labels").glob("*.json")]}},
-            "train": {"base_model": str(tiny_sdxl), "data": "data/shards", "resolution": [64, 64],
-                      "lora": {"rank": 4, "alpha": 4}, "max_train_steps": steps, "train_batch_size": 2,
-                      "learning_rate": 1e-3, "lr_scheduler": "linear", "log_every": 1, "checkpointing_steps": 2,
-                      "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "deepspeed": {"zero_stage": 2}, **train},
-        })  # fmt: skip
-
-    first = run_job(job(3), tmp_path)
-    before = load_file(tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")
-    second = run_job(job(5, resume_from_checkpoint="latest"), tmp_path)
-    info = json.loads((tmp_path / "adapters" / "lora" / "adapter_info.json").read_text())
-    assert info["step"] == 5
-    after = load_file(tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")
-    assert any(not (after[k] == before[k]).all() for k in before)
-    client = mlflow.MlflowClient(tracking_uri=second.tracking_uri)
-    runs = client.search_runs([client.get_run(second.run_id).info.experiment_id],
-                              filter_string="tags.`diffplat.stage` = 'train'", order_by=["start_time ASC"])
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
-    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "loss")] == [4, 5]  # went on from 3
-    lrs = [m.value for m in client.get_metric_history(runs[1].info.run_id, "lr")]
-    assert lrs[0] < 1e-3  # the linear schedule went on too, it did not restart
-    assert first.run_id != second.run_id
-
-    from diffplat.config import ConfigError
-
-    with pytest.raises(ConfigError, match="resume_from_checkpoint: .*nope is not a checkpoint"):
-        run_job(job(5, resume_from_checkpoint=str(tmp_path / "nope")), tmp_path)
-
-
 def test_resume_round_trip_equals_one_uninterrupted_run(tmp_path, tiny_sdxl, bdd_dir, local_ray):
     """8 steps in one run == 3 steps, then a resume from that checkpoint for the other 5: the
     same batches (shuffled, randomly cropped and flipped, across an epoch boundary), the same
-    noise, timesteps, caption dropout and LoRA dropout, the same optimizer, lr and EMA."""
+    noise, timesteps, caption dropout and LoRA dropout, the same optimizer, lr and EMA. Then
+    `resume_from_checkpoint: latest` goes on from the newest checkpoint of the job's runs."""
     import mlflow
     import torch
 
@@ -110,11 +75,14 @@ def test_resume_round_trip_equals_one_uninterrupted_run(tmp_path, tiny_sdxl, bdd
                       "deepspeed": {"zero_stage": 2}, **train},
         })  # fmt: skip
 
-    def losses(result) -> dict[int, float]:
+    def train_run(result):
         client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
-        train = client.search_runs([client.get_run(result.run_id).info.experiment_id],
-                                   filter_string=f"tags.`diffplat.stage` = 'train' and tags.`mlflow.parentRunId` = '{result.run_id}'")[0]  # fmt: skip
-        return {m.step: m.value for m in client.get_metric_history(train.info.run_id, "loss")}
+        return client, client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                          filter_string=f"tags.`diffplat.stage` = 'train' and tags.`mlflow.parentRunId` = '{result.run_id}'")[0]  # fmt: skip
+
+    def history(result, metric: str) -> dict[int, float]:
+        client, train = train_run(result)
+        return {m.step: m.value for m in client.get_metric_history(train.info.run_id, metric)}
 
     whole = run_job(job(), tmp_path)
     adapter = tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors"
@@ -129,13 +97,30 @@ def test_resume_round_trip_equals_one_uninterrupted_run(tmp_path, tiny_sdxl, bdd
     assert set(after_resume) == set(uninterrupted)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(after_resume[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    first, second = losses(whole), losses(resumed)
+    first, second = history(whole, "loss"), history(resumed, "loss")
     assert sorted(second) == [4, 5, 6, 7, 8]
     assert [second[s] for s in second] == pytest.approx([first[s] for s in second], rel=1e-5)
 
-    # Load what was saved, not a guess: a checkpoint of another LoRA shape is refused by name.
-    with pytest.raises(Exception, match="does not match this run: .*lora"):
-        run_job(job(resume_from_checkpoint=str(states[3]), lora={"rank": 8, "alpha": 4}), tmp_path)
+    # `latest`: the newest checkpoint of the job's runs (the resumed run's last, step 8), on to 10
+    latest = run_job(job(resume_from_checkpoint="latest", max_train_steps=10), tmp_path)
+    assert json.loads((tmp_path / "adapters" / "lora" / "adapter_info.json").read_text())["step"] == 10
+    assert any(not (load_file(adapter)[k] == after_resume[k]).all() for k in after_resume)
+    assert sorted(history(latest, "loss")) == [9, 10]  # went on from 8, not from 0
+    assert history(latest, "lr")[9] < 1e-3  # the schedule went on too; it did not restart
+    assert len({whole.run_id, resumed.run_id, latest.run_id}) == 3
+
+    from diffplat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: .*nope is not a checkpoint"):
+        run_job(job(resume_from_checkpoint=str(tmp_path / "nope")), tmp_path)
+    # Load what was saved, not a guess: a LoRA of another shape is refused by name (the check
+    # each resume makes in the loop before loading, on the module a rank-8 run would train)
+    from diffplat.train.checkpoint import CheckpointMismatch, check_trained
+    from diffplat.train.objectives import OBJECTIVES
+
+    other = job(lora={"rank": 8, "alpha": 4}).train
+    with pytest.raises(CheckpointMismatch, match="does not match this run: .*lora"):
+        check_trained(state["trained"], OBJECTIVES["lora"](other, torch.device("cpu")).module, "checkpoint")
 
 
 def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path, tiny_sdxl, bdd_dir, local_ray):

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from diffplat.runner import run_job
 
-            result = run_job(load_config(args.job, args.overrides), args.workdir)
+            result = run_job(load_config(args.job, args.overrides), args.workdir, args.job)
             for stage, secs in result.seconds.items():
                 print(f"{stage:<9} {secs:7.1f} s")
             print(f"mlflow run {result.run_id} in {result.tracking_uri}")

@@ -134,9 +134,12 @@ def _written_by_job(config: JobConfig, resolve) -> Callable[[str], bool]:
     return made
 
 
-def check_job_paths(config: JobConfig, resolve: Callable[[str], Path]) -> None:
-    """Raise PreflightError listing every path of `config` that cannot work, one line each."""
+def check_job_paths(config: JobConfig, resolve: Callable[[str], Path], job_file: Path | None = None) -> None:
+    """Raise PreflightError listing every path of `config` that cannot work, one line each
+    (`job_file`, the YAML the job came from, is one more thing no output may replace)."""
     check = Preflight(resolve)
+    if job_file is not None:
+        check.inputs.append(("the job file", Path(job_file).resolve()))
     made = _written_by_job(config, resolve)
     p = config.prepare
     if p is not None:

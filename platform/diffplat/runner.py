@@ -66,15 +66,17 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     import ray.data
 
     from diffplat import console
-    from diffplat.cluster import init_options
+    from diffplat.cluster import init_options, settle_on_one_machine
 
     console.setup(config.verbose)
     if ray.is_initialized():
         _quiet_ray_data(config.verbose)
         yield
         return
-    ray.init(**init_options(config.address, config.num_cpus, config.dashboard), log_to_driver=True,
-             **console.ray_init_options(config.verbose))
+    options = init_options(config.address, config.num_cpus, config.dashboard)
+    if options.get("address") == "local":
+        settle_on_one_machine()
+    ray.init(**options, log_to_driver=True, **console.ray_init_options(config.verbose))
     if not config.verbose:
         log.info("other libraries' output: %s/logs (--verbose shows it here)", _session_dir())
     _quiet_ray_data(config.verbose)
@@ -212,11 +214,11 @@ def _log_sheet(images: Path, out: Path, columns: int = 4, thumb_width: int = 256
         tracking.log_artifacts(sheet)
 
 
-def run_job(config: JobConfig, workdir: str | Path = ".") -> JobResult:
+def run_job(config: JobConfig, workdir: str | Path = ".", job_file: str | Path | None = None) -> JobResult:
     from diffplat.preflight import check_job_paths
 
     work = Workdir(Path(workdir).resolve())
-    check_job_paths(config, work.path)  # before Ray or MLflow start: a wrong path is one line
+    check_job_paths(config, work.path, job_file)  # before Ray or MLflow start: a wrong path is one line
     work.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = tracking.tracking_uri(config.tracking, work.root)

@@ -59,8 +59,10 @@ def _from_text_files(folder: Path, captions: Path | None, skips: Skips) -> Itera
         yield image, (captions / f"{image.stem}.txt" if captions else image.with_suffix(".txt"))
 
 
-def csv_rows(index: Path, columns: tuple[str, ...], field: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) for every line of a CSV index (source 4's), its columns checked first."""
+def csv_rows(index: Path, columns: tuple[str, ...], field: str, skips: Skips) -> Iterator[tuple[str, dict]]:
+    """(where, row) for every line of a CSV index (source 4's), its columns checked first; a
+    line the csv module cannot read (an over-long field, a stray quote) is skipped with its
+    reason, and the reading goes on at the next line."""
     if not index.is_file():
         raise FileNotFoundError(f"{field}: {index} is not a file")
     with open(index, newline="", encoding="utf-8", errors="replace") as f:
@@ -69,18 +71,34 @@ def csv_rows(index: Path, columns: tuple[str, ...], field: str) -> Iterator[tupl
         if missing:
             raise ValueError(f"{field}: {index.name} has no column {missing[0]!r} "
                              f"(columns: {', '.join(reader.fieldnames or [])})")  # fmt: skip
-        for n, row in enumerate(reader, 2):
-            yield f"{index.name} line {n}", row
+        while True:
+            where = f"{index.name} line {reader.line_num + 1}"
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                skips.add(f"unreadable CSV line ({err})", where)
+                continue
+            yield where, {name: row.get(name) if isinstance(row.get(name), str) else "" for name in columns}
+
+
+def is_file(path: Path) -> bool:
+    """Whether `path` is a file; False, not an error, for a name no file can have (a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _from_csv(index: Path, c: FolderSource, skips: Skips) -> Iterator[tuple[Path, str]]:
-    for where, row in csv_rows(index, (c.image_column, c.caption_column), "prepare.folder.csv"):
-        path = Path(row[c.image_column] or "")
+    for where, row in csv_rows(index, (c.image_column, c.caption_column), "prepare.folder.csv", skips):
+        path = Path(row[c.image_column])
         path = path if path.is_absolute() else index.parent / path
-        caption = (row[c.caption_column] or "").strip()
+        caption = row[c.caption_column].strip()
         if not caption:
             skips.add("missing caption", where)
-        elif not path.is_file():
+        elif not is_file(path):
             skips.add(f"no image ({path.name})", where)
         else:
             yield path, caption

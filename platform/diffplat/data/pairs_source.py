@@ -18,7 +18,7 @@ from diffplat.config import PairsSource
 from diffplat.data import bdd
 from diffplat.data.composite_source import Skips, read_caption
 from diffplat.data.composites import CompositeError
-from diffplat.data.folder_source import csv_rows
+from diffplat.data.folder_source import csv_rows, is_file
 from diffplat.data.images import MAX_PIXELS, BadImage, png_bytes, read_image
 from diffplat.data.shard_job import Skip
 from diffplat.pictures import list_images
@@ -49,15 +49,16 @@ def _folder_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[t
 
 def _csv_pairs(c: PairsSource, resolve: Callable, skips: Skips) -> Iterator[tuple[Path, Path, str]]:
     index = resolve(c.csv)
-    for where, row in csv_rows(index, (c.image_column, c.conditioning_column, c.caption_column), "prepare.pairs.csv"):
-        paths = [Path(row[c.image_column] or ""), Path(row[c.conditioning_column] or "")]
+    for where, row in csv_rows(index, (c.image_column, c.conditioning_column, c.caption_column), "prepare.pairs.csv",
+                               skips):  # fmt: skip
+        paths = [Path(row[c.image_column]), Path(row[c.conditioning_column])]
         paths = [p if p.is_absolute() else index.parent / p for p in paths]
-        caption = (row[c.caption_column] or "").strip()
+        caption = row[c.caption_column].strip()
         if not caption:
             skips.add("missing caption", where)
-        elif not paths[0].is_file():
+        elif not is_file(paths[0]):
             skips.add(f"no image ({paths[0].name})", where)
-        elif not paths[1].is_file():
+        elif not is_file(paths[1]):
             skips.add(f"no conditioning image ({paths[1].name})", where)
         else:
             yield paths[0], paths[1], caption
