@@ -27,11 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/diffplat demo --output $(OUT)
 
+# Two test processes: one test's Ray often waits (starting, polling) while the other's computes.
+# Each module runs whole in one of them; the demo runs once (conftest.py groups its readers).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

@@ -22,6 +22,17 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 from diffplat.cluster import settle_on_one_machine  # noqa: E402
 
 settle_on_one_machine()
+# two test processes share 2 cores (make test runs pytest -n 2): Ray Train's 60 s for a worker group
+# to start is for an idle cluster
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -n 2 --dist loadgroup` (make test): each module runs whole in one process, so its
+    module fixtures are built once; the tests that read the demo share one process and one demo."""
+    for item in items:
+        group = "demo" if "demo" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 _real_connect = socket.socket.connect
 

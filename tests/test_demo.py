@@ -249,7 +249,9 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
     config["applications"][0]["args"]["workdir"] = str(out)
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIFFPLAT_API_KEY")}
+    # RAY_ADDRESS=local: a Ray of its own, as on a machine with no other; a bare `serve run` joins
+    # a cluster started with `ray start` on the machine (test_cluster.py's, in the other test process)
+    env = {**{k: v for k, v in os.environ.items() if k != "DIFFPLAT_API_KEY"}, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"

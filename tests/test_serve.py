@@ -419,7 +419,7 @@ def test_a_fuzzer_driven_by_the_openapi_document_finds_no_server_error(server, t
     url, http, *_ = server
     before = _replicas(http, url)
     proc = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
-                           "-H", f"Authorization: Bearer {KEY}", "--max-examples", "12", "--seed", "7",
+                           "-H", f"Authorization: Bearer {KEY}", "--max-examples", "6", "--seed", "7",
                            "--checks", "not_a_server_error,status_code_conformance", "--workers", "1",
                            "--phases", "examples,coverage,fuzzing",
                            "--suppress-health-check", "all", "--request-timeout", "60",
