@@ -27,6 +27,19 @@ settle_on_one_machine()
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
+def pytest_configure(config):
+    """Before the test processes start: Ray's token (~/.ray/auth_token), made once here as Ray
+    makes it. On a fresh machine two processes starting Ray at once could each write their own,
+    and a cluster would then hold a token that the file no longer does."""
+    if hasattr(config, "workerinput"):  # a test process of pytest -n
+        return
+    from ray._private.authentication.authentication_token_setup import (_get_default_token_path,
+                                                                        generate_and_save_token)  # fmt: skip
+
+    if not _get_default_token_path().is_file():
+        generate_and_save_token()
+
+
 def pytest_collection_modifyitems(config, items):
     """`pytest -n 2 --dist loadgroup` (make test): each module runs whole in one process, so its
     module fixtures are built once; the tests that read the demo share one process and one demo."""
