@@ -28,12 +28,12 @@ demo: $(STAMP)
 	$(BIN)/diffplat demo --output $(OUT)
 
 # Two test processes: one test's Ray often waits (starting, polling) while the other's computes.
-# Each module runs whole in one of them; the demo runs once (conftest.py groups its readers).
+# Each test file runs whole in one of them: its module fixtures (and the demo) are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

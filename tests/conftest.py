@@ -40,13 +40,6 @@ def pytest_configure(config):
         generate_and_save_token()
 
 
-def pytest_collection_modifyitems(config, items):
-    """`pytest -n 2 --dist loadgroup` (make test): each module runs whole in one process, so its
-    module fixtures are built once; the tests that read the demo share one process and one demo."""
-    for item in items:
-        group = "demo" if "demo" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
 _real_connect = socket.socket.connect
 
 

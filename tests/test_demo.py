@@ -1,4 +1,5 @@
-"""`diffplat demo` end to end, then its LoRA in stock diffusers."""
+"""`diffplat demo` end to end, read leg by leg: every stage it writes, its MLflow runs, its LoRA, In-Context
+LoRA and ControlNet in stock diffusers, and its models served by `diffplat serve` and by `serve run`."""
 
 import base64
 import io
@@ -13,6 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+
+from diffplat.data import bdd
+from diffplat.data.composites import Layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -173,6 +178,120 @@ def test_demo_ic_lora_in_stock_diffusers(demo):
     assert np.array_equal(fill(cross_attention_kwargs={"scale": 0.0}), base)
 
 
+# --- the In-Context LoRA leg (demo_ic_lora.yaml: BDD composites -> masked IC-LoRA on 2 workers under
+# ZeRO-2 -> panels 2 and 3 of each composite filled) ---------------------------------------------
+
+
+def test_ic_lora_masked_mode_trains_with_two_workers(demo):
+    out = demo[0]
+    adapter = out / "adapters" / "ic_lora"
+    assert any(v.abs().max() > 0 for v in _lora_b(adapter)), "LoRA B starts at zero: training must move it"
+    info = json.loads((adapter / "adapter_info.json").read_text())
+    assert info["kind"] == "ic_lora" and info["ic_lora"]["mode"] == "masked" and info["inpainting_unet"] is True
+    assert info["workers"] == 2 and info["step"] == 20 and info["max_token_length"] == 225
+    prepared = json.loads((out / "data-ic" / "prepare_report.json").read_text())
+    assert prepared["layout"] == "2x2" and prepared["rows_written"] >= 4
+    # the last checkpoint holds both workers' optimizer partitions (Ray merges the ranks' folders)
+    states = (out / "ray_results").glob("demo-ic-lora-train-*/checkpoint_*/trainer_state.json")
+    last = max(states, key=lambda p: p.stat().st_mtime).parent
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["step"], state["micro"], state["workers"]) == (20, 20, 2) and state["trained"]
+    state = {p.name for p in (last / "deepspeed" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= state
+    assert (last / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ic_lora_training_logs_fills_to_mlflow(demo, tmp_path):
+    import mlflow
+
+    out = demo[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    job = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
+                             filter_string="tags.`diffplat.job` = 'demo-ic-lora' and tags.`diffplat.stage` = 'train'")  # fmt: skip
+    pictures = [a.path for a in client.list_artifacts(job[0].info.run_id, "validation")]
+    assert pictures == ["validation/step_000010.png", "validation/step_000020.png"]
+    local = client.download_artifacts(job[0].info.run_id, pictures[-1], str(tmp_path))
+    width, height = Image.open(out / "data-ic" / "composites" / "composite-00000.png").size
+    strip = 3 * width + 2 * 8  # input | mask | output, 8 px apart
+    shown = max(768, strip)  # a narrower strip is scaled up to 768
+    with Image.open(local) as img:  # two strips, stacked, 4 px gaps and border
+        assert img.size == (shown + 8, 2 * round(height * shown / strip) + 3 * 4)
+
+
+def test_ic_lora_bulk_fill_changes_named_panels_and_keeps_the_rest(demo):
+    fills = demo[0] / "ic_lora"
+    meta = [json.loads(l) for l in (fills / "metadata.jsonl").read_text().splitlines()]
+    composites = sorted((demo[0] / "data-ic" / "composites").glob("*.png"))
+    assert len(meta) == len(composites) >= 4
+    layout = Layout.parse("2x2")
+    for record in meta:
+        original = np.asarray(Image.open(record["input"]).convert("RGB"), dtype=np.int16)
+        filled = np.asarray(Image.open(fills / record["file_name"]), dtype=np.int16)
+        assert filled.shape == original.shape
+        boxes = layout.boxes(original.shape[1], original.shape[0])
+        for panel, (l, t, r, b) in enumerate(boxes):
+            if panel in (0, 1):
+                assert np.array_equal(filled[t:b, l:r], original[t:b, l:r]), (record["file_name"], panel)
+            else:
+                assert np.abs(filled[t:b, l:r] - original[t:b, l:r]).mean() > 5, (record["file_name"], panel)
+        assert record["panels"] == [2, 3] and record["prompt"].startswith("[BDD] 4 driving scenes")
+        with Image.open(fills / "comparisons" / Path(record["file_name"]).name) as comparison:
+            assert comparison.size == (3 * original.shape[1] + 2 * 8, original.shape[0])  # input | mask | output
+    assert (fills / "comparison_sheet.png").is_file()
+
+
+# --- the ControlNet leg (demo_controlnet.yaml: BDD masks -> a ControlNet on 2 workers) ----------------
+
+
+def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(demo):
+    import mlflow
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out = demo[0]
+    folder = out / "adapters" / "controlnet"
+    assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(folder.glob("*.bin"))
+    info = json.loads((folder / "adapter_info.json").read_text())
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
+    fresh = ControlNetModel.from_unet(unet)
+    zero_convs = [k for k, v in fresh.state_dict().items() if k.startswith("controlnet_down_blocks") and not v.any()]
+    assert zero_convs, "a new ControlNet's output convolutions start at zero"
+    trained_state = trained.state_dict()
+    assert all(trained_state[k].any() for k in zero_convs), "training must move them"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    train = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
+                               filter_string="tags.`diffplat.job` = 'demo-controlnet' and tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "validation")] == [
+        "validation/step_000010.png", "validation/step_000020.png"]
+
+
+
+def test_demo_controlnet_in_stock_diffusers(demo):
+    """Two maps give two images (same prompt and seed); scale 0 gives the base model's image."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    out = demo[0]
+    net = ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(out / "base-model", controlnet=net, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    maps = [Image.fromarray(bdd.colorize_mask(_mask((64, 64), car=c))) for c in (True, False)]
+    other = np.full((64, 64), bdd.SEG_CLASSES.index("building"), np.uint8)
+    maps.append(Image.fromarray(bdd.colorize_mask(other)))
+
+    def image(cond, scale=1.0, p=pipe):
+        kw = {"image": cond, "controlnet_conditioning_scale": scale} if cond is not None else {}
+        return p("a driving scene", width=64, height=64, num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **kw).images[0]  # fmt: skip
+
+    a, b = image(maps[0]), image(maps[2])
+    assert np.abs(a - b).max() > 1e-3, "two different maps must give two different images"
+    base = StableDiffusionXLPipeline.from_pretrained(out / "base-model", local_files_only=True)
+    base.set_progress_bar_config(disable=True)
+    assert np.array_equal(image(maps[0], scale=0.0), image(None, p=base))
+
+
 def test_diffplat_serve_with_no_config_serves_the_demo(demo):
     """`diffplat serve` (the packaged local config) on the demo's models, over HTTP, then SIGHUP."""
     import signal
@@ -279,3 +398,21 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+def _lora_b(folder: Path) -> list:
+    weights = load_file(folder / "pytorch_lora_weights.safetensors")
+    return [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
+
+
+def _mask(size=(32, 16), car=True) -> np.ndarray:
+    """A BDD train-id mask: sky over road, a car on the road (or not)."""
+    road, sky, vehicle = (bdd.SEG_CLASSES.index(c) for c in ("road", "sky", "car"))
+    width, height = size
+    mask = np.full((height, width), road, np.uint8)
+    mask[: height // 2] = sky
+    if car:
+        mask[height // 2 : height // 2 + 4, 4:12] = vehicle
+    mask[0, 0] = bdd.SEG_IGNORE
+    return mask
+

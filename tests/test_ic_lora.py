@@ -17,7 +17,7 @@ from diffplat.data.composites import Layout, make_composite
 from diffplat.runner import run_job
 from helpers import make_lora
 
-pytestmark = pytest.mark.timeout(900)  # the first test to read the demo runs it
+pytestmark = pytest.mark.timeout(600)
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
@@ -29,69 +29,6 @@ def _bdd(bdd_dir: Path) -> dict:
 def _lora_b(folder: Path) -> list:
     weights = load_file(folder / "pytorch_lora_weights.safetensors")
     return [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
-
-
-# The masked mode, 2 workers under ZeRO-2, and the bulk fill: the demo's In-Context LoRA leg
-# (demo_ic_lora.yaml: BDD composites -> masked IC-LoRA -> panels 2 and 3 of each filled), read
-# here rather than trained a second time.
-
-
-def test_masked_mode_trains_with_two_workers(demo):
-    out = demo[0]
-    adapter = out / "adapters" / "ic_lora"
-    assert any(v.abs().max() > 0 for v in _lora_b(adapter)), "LoRA B starts at zero: training must move it"
-    info = json.loads((adapter / "adapter_info.json").read_text())
-    assert info["kind"] == "ic_lora" and info["ic_lora"]["mode"] == "masked" and info["inpainting_unet"] is True
-    assert info["workers"] == 2 and info["step"] == 20 and info["max_token_length"] == 225
-    prepared = json.loads((out / "data-ic" / "prepare_report.json").read_text())
-    assert prepared["layout"] == "2x2" and prepared["rows_written"] >= 4
-    # the last checkpoint holds both workers' optimizer partitions (Ray merges the ranks' folders)
-    states = (out / "ray_results").glob("demo-ic-lora-train-*/checkpoint_*/trainer_state.json")
-    last = max(states, key=lambda p: p.stat().st_mtime).parent
-    state = json.loads((last / "trainer_state.json").read_text())
-    assert (state["step"], state["micro"], state["workers"]) == (20, 20, 2) and state["trained"]
-    state = {p.name for p in (last / "deepspeed" / "state").iterdir()}
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= state
-    assert (last / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-
-
-def test_training_logs_fills_to_mlflow(demo, tmp_path):
-    import mlflow
-
-    out = demo[0]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    job = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
-                             filter_string="tags.`diffplat.job` = 'demo-ic-lora' and tags.`diffplat.stage` = 'train'")  # fmt: skip
-    pictures = [a.path for a in client.list_artifacts(job[0].info.run_id, "validation")]
-    assert pictures == ["validation/step_000010.png", "validation/step_000020.png"]
-    local = client.download_artifacts(job[0].info.run_id, pictures[-1], str(tmp_path))
-    width, height = Image.open(out / "data-ic" / "composites" / "composite-00000.png").size
-    strip = 3 * width + 2 * 8  # input | mask | output, 8 px apart
-    shown = max(768, strip)  # a narrower strip is scaled up to 768
-    with Image.open(local) as img:  # two strips, stacked, 4 px gaps and border
-        assert img.size == (shown + 8, 2 * round(height * shown / strip) + 3 * 4)
-
-
-def test_bulk_fill_changes_named_panels_and_keeps_the_rest(demo):
-    fills = demo[0] / "ic_lora"
-    meta = [json.loads(l) for l in (fills / "metadata.jsonl").read_text().splitlines()]
-    composites = sorted((demo[0] / "data-ic" / "composites").glob("*.png"))
-    assert len(meta) == len(composites) >= 4
-    layout = Layout.parse("2x2")
-    for record in meta:
-        original = np.asarray(Image.open(record["input"]).convert("RGB"), dtype=np.int16)
-        filled = np.asarray(Image.open(fills / record["file_name"]), dtype=np.int16)
-        assert filled.shape == original.shape
-        boxes = layout.boxes(original.shape[1], original.shape[0])
-        for panel, (l, t, r, b) in enumerate(boxes):
-            if panel in (0, 1):
-                assert np.array_equal(filled[t:b, l:r], original[t:b, l:r]), (record["file_name"], panel)
-            else:
-                assert np.abs(filled[t:b, l:r] - original[t:b, l:r]).mean() > 5, (record["file_name"], panel)
-        assert record["panels"] == [2, 3] and record["prompt"].startswith("[BDD] 4 driving scenes")
-        with Image.open(fills / "comparisons" / Path(record["file_name"]).name) as comparison:
-            assert comparison.size == (3 * original.shape[1] + 2 * 8, original.shape[0])  # input | mask | output
-    assert (fills / "comparison_sheet.png").is_file()
 
 
 def test_composite_mode_trains_a_plain_lora_with_two_workers(tmp_path, tiny_sdxl, bdd_dir, local_ray):
