@@ -153,7 +153,10 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path, tiny_sdxl, bd
         # Ray registers a reported checkpoint asynchronously: kill once a second one is on disk,
         # so that the first is surely registered and the restart can go on from it.
         if len(list((tmp_path / "ray_results").glob("failure-test-train-*/checkpoint_*/trainer_state.json"))) >= 2:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # this test's own Ray only (its raylet is a child of this process): another test
+            # process on the machine runs Ray Train workers of its own
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline() or [])]  # fmt: skip
             if workers:
                 killed = workers[0].pid
                 os.kill(killed, signal.SIGKILL)
