@@ -107,7 +107,7 @@ def _cache(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     report = run_cache(resolved, output)
     # nodes and bytes: where the work ran, and how little of it passed through the driver
     tracking.log_metrics({k: report[k] for k in ("rows", "rows_left_out", "shards", "rows_per_s", "nodes",
-                                                 "output_bytes", "driver_bytes") if k in report})  # fmt: skip
+                                                 "output_bytes", "driver_bytes")})  # fmt: skip
     tracking.log_artifacts(output / CACHE_INFO)
     return report
 
@@ -154,7 +154,7 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     output = work.path(c.output)
     result = run_generation(c.model_copy(update=update), output)
     tracking.log_metrics({k: result[k] for k in ("images", "made_now", "skipped", "images_per_s", "nodes",
-                                                 "output_bytes", "driver_bytes") if k in result})  # fmt: skip
+                                                 "output_bytes", "driver_bytes")})  # fmt: skip
     tracking.log_artifacts(output / "metadata.jsonl")
     tracking.log_artifacts(output / "coco_images.json")
     _log_sheet(output / "images", output / "contact_sheet.png")
@@ -170,8 +170,7 @@ def _filter(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     model = c.model if c.model.endswith((".yaml", ".yml")) else str(work.path(c.model))
     folder = work.path(c.images)
     report = run_filter(c, folder, model)
-    tracking.log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate", "nodes", "driver_bytes")
-                          if k in report})  # fmt: skip
+    tracking.log_metrics({k: report[k] for k in ("images", "kept", "rejected", "keep_rate", "nodes", "driver_bytes")})
     tracking.log_artifacts(folder / "filter_report.json")
     tracking.log_artifacts(folder / "coco_annotations.json")
     tracking.log_artifacts(folder / "gallery", "gallery")  # its pictures stay beside the images
