@@ -106,3 +106,32 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+# --- where the suite's CPU goes (DIFFPLAT_TEST_CPU_LOG=<file>): the suite is CPU-bound on 2 cores ---
+if os.environ.get("DIFFPLAT_TEST_CPU_LOG"):
+
+    def _tree_cpu() -> float:
+        """CPU seconds of this process and every descendant, reaped ones included (a daemon
+        that left the tree, such as `ray start`'s head, is not counted)."""
+        import psutil
+
+        total = 0.0
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return total
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        import time
+
+        cpu, wall = _tree_cpu(), time.monotonic()
+        yield
+        line = f"{_tree_cpu() - cpu:.1f}\t{time.monotonic() - wall:.1f}\t{item.nodeid}\n"
+        with open(os.environ["DIFFPLAT_TEST_CPU_LOG"], "a") as log:
+            log.write(line)
