@@ -1,4 +1,4 @@
-"""Shared fixtures: offline settings, a tiny SDXL, synthetic BDD data, one local Ray."""
+"""Shared fixtures: offline settings, tiny SDXL and FLUX models, synthetic BDD data, one local Ray."""
 
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ def tiny_sdxl_inpaint(tmp_path_factory) -> Path:
     from diffplat.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint", "sdxl-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-like pipeline (guidance embedding; CLIP and T5)."""
+    from diffplat.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_fill(tmp_path_factory) -> Path:
+    """The same encoders and VAE as tiny_flux (same seed), with a Fill transformer (384 channels)."""
+    from diffplat.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux-fill", "flux-fill")
 
 
 @pytest.fixture(scope="session")

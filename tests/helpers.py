@@ -10,6 +10,7 @@ def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, s
     from diffusers import UNet2DConditionModel
 
     from diffplat.config import LoraSettings
+    from diffplat.models.families import family_of
     from diffplat.models.lora import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", local_files_only=True)
@@ -18,7 +19,7 @@ def make_lora(base_model: Path, folder: Path, rank: int = 4, alpha: float = 8, s
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.5)
-    return save_lora(unet, config, folder, {"made_by": "tests", **(info or {})})
+    return save_lora(family_of(str(base_model)), unet, config, folder, {"made_by": "tests", **(info or {})})
 
 
 def run_bench(script: str, *args: str):

@@ -50,7 +50,7 @@ def test_cache_stage_writes_what_training_would_encode(cached, tiny_sdxl):
     from diffusers import AutoencoderKL
 
     from diffplat.data.pipeline import ToTrainingArrays
-    from diffplat.models.loading import load_encoders
+    from diffplat.models.families import family_of
     from diffplat.models.text import encode_prompts
 
     work, model, result = cached
@@ -80,9 +80,9 @@ def test_cache_stage_writes_what_training_would_encode(cached, tiny_sdxl):
         assert row["original_size"] == list(arrays["original_size"][i])
         assert row["crop_top_left"] == list(arrays["crop_top_left"][i])
     assert len({tuple(r["crop_top_left"]) for r in rows.values()}) > 1  # random crops, kept per row
-    parts = load_encoders(str(tiny_sdxl))
+    parts = family_of(str(tiny_sdxl)).load_encoders(str(tiny_sdxl))
     caption = max(rows.values(), key=lambda r: r["windows"])
-    tokenizers, encoders = (parts["tokenizer"], parts["tokenizer_2"]), (parts["text_encoder"], parts["text_encoder_2"])
+    tokenizers, encoders = parts["tokenizers"], parts["text_encoders"]
     with torch.no_grad():
         embeds, pooled = encode_prompts(tokenizers, encoders, [caption["caption"]], "cpu", 150)
     stored = _tensor(caption["prompt_embeds"], (154, info["embed_dim"]))  # two windows of 77 tokens
@@ -151,7 +151,7 @@ def test_a_cached_batch_gives_the_loss_of_encoding_on_the_fly(kind, tmp_path, ti
     torch.manual_seed(0)
     from_cache = OBJECTIVES[kind](TrainConfig(**train, cache=str(tmp_path)), torch.device("cpu"))
     parts = from_cache.parts
-    assert parts.vae is None and parts.text_encoder is None and parts.text_encoder_2 is None and parts.tokenizer is None
+    assert parts.vae is None and parts.text_encoders == () and parts.tokenizers == ()
     patterns = set()
     for seed in range(4):  # caption dropout differs from step to step
         state = on_the_fly.caption_rng.get_state()
@@ -201,7 +201,7 @@ def test_what_cannot_train_from_a_cache_is_refused_by_name(tmp_path, tiny_sdxl_i
         check_training_data(TrainConfig(**{**base, "cache": _fake_cache(tmp_path / "plain")}, kind="controlnet"))
     model = str(tiny_sdxl_inpaint)
     inpaint = {**base, "base_model": model, "cache": _fake_cache(tmp_path / "ic", "2x2", base_model=model)}
-    with pytest.raises(ConfigError, match="train.cache: .* has an inpainting UNet"):
+    with pytest.raises(ConfigError, match="train.cache: .* has an inpainting denoiser"):
         check_training_data(TrainConfig(**inpaint, kind="ic_lora", ic_lora={"mode": "composite"}))
 
     job = parse_config({"name": "x", "train": {**base, "data": str(tmp_path / "seeded"), "cache": "nowhere",

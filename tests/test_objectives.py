@@ -28,6 +28,9 @@ def _batch(layout: str | None, size=(128, 64)):
 
 # Attention and feed-forward layers: on a UNet this small, attention alone learns slowly.
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# ai-toolkit's FLUX set: every linear of the double and single blocks' attention and MLPs
+FLUX_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 def _losses(objective, batch, steps: int, lr: float) -> list[float]:
@@ -50,12 +53,16 @@ def _losses(objective, batch, steps: int, lr: float) -> list[float]:
     ("ic_lora", "masked", "tiny_sdxl_inpaint"),
     ("ic_lora", "composite", "tiny_sdxl"),
     ("controlnet", None, "tiny_sdxl"),
+    ("lora", None, "tiny_flux"),
+    ("ic_lora", "masked", "tiny_flux_fill"),
 ])  # fmt: skip
 def test_loss_falls_on_a_fixed_batch(kind, mode, model, request):
     torch.manual_seed(0)
+    targets = FLUX_TARGETS if "flux" in model else TARGETS
     config = TrainConfig(kind=kind, base_model=str(request.getfixturevalue(model)), data="unused", max_train_steps=1,
-                         resolution=(128, 64), lora={"rank": 8, "alpha": 8, "target_modules": TARGETS},
-                         ic_lora={"mode": mode or "masked", "mask_probability": 1.0})  # fmt: skip
+                         resolution=(128, 64), lora={"rank": 8, "alpha": 8, "target_modules": targets},
+                         ic_lora={"mode": mode or "masked", "mask_probability": 1.0},
+                         max_sequence_length=64)  # fmt: skip
     objective = OBJECTIVES[kind](config, torch.device("cpu"))
     # a whole ControlNet trains; a LoRA's few weights take a larger step
     losses = _losses(objective, _batch("2x2" if kind == "ic_lora" else None), steps=40,
@@ -87,7 +94,7 @@ def test_masked_mode_hides_whole_panels_and_feeds_the_inpainting_channels(tiny_s
 
 def test_masked_mode_refuses_a_text_to_image_unet(tiny_sdxl):
     config = TrainConfig(kind="ic_lora", base_model=str(tiny_sdxl), data="unused", max_train_steps=1)
-    with pytest.raises(ValueError, match="needs an inpainting UNet .9 input channels.*has 4.*mode: composite"):
+    with pytest.raises(ValueError, match="needs an inpainting UNet.*9 input channels.*has 4 input channels.*mode: composite"):
         OBJECTIVES["ic_lora"](config, torch.device("cpu"))
 
 
@@ -100,7 +107,7 @@ def test_min_snr_weighting(tiny_sdxl):
     alphas = objective.scheduler.alphas_cumprod[t]
     snr = alphas / (1 - alphas)
     expected = torch.minimum(snr, torch.tensor(5.0)) / snr
-    assert torch.allclose(objective.snr_weights(t), expected)
-    assert objective.snr_weights(t)[0] < 0.01 and objective.snr_weights(t)[-1] == 1.0
+    assert torch.allclose(objective.noising.weights(t), expected)
+    assert objective.noising.weights(t)[0] < 0.01 and objective.noising.weights(t)[-1] == 1.0
     losses = _losses(objective, _batch(None), steps=40, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0], losses

@@ -3,8 +3,6 @@ diffplat's own (its marker, or a file every such output has), and the refusal co
 naming the path and one file in it, with the folder untouched."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -43,13 +41,15 @@ def test_empty_marked_and_older_diffplat_folders_are_replaced(tmp_path):
     assert (older / "c").is_file() and not (older / "cache_info.json").exists()
 
 
-def test_tiny_model_refuses_a_folder_with_someone_elses_files(tmp_path):
+def test_tiny_model_refuses_a_folder_with_someone_elses_files(tmp_path, capsys):
+    from diffplat.cli import main
+
     out = tmp_path / "thesis"
     out.mkdir()
     (out / "thesis.tex").write_text("chapter 1")
-    proc = subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out)], capture_output=True, text=True,
-                          timeout=300, env=os.environ.copy())  # fmt: skip
-    assert proc.returncode == 2 and "thesis.tex" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert main(["tiny-model", str(out)]) == 2  # the command's code, in this process (no second start-up)
+    err = capsys.readouterr().err
+    assert "thesis.tex" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["thesis.tex"] and (out / "thesis.tex").read_text() == "chapter 1"
 
 

@@ -9,28 +9,45 @@ import torch
 from PIL import Image
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "sdxl-inpaint", "controlnet"])
-def test_tiny_model_loads_in_stock_diffusers(tmp_path, kind):
-    import diffusers
-
-    out = tmp_path / kind
-    subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out), "--kind", kind], check=True)
+def test_tiny_model_command_writes_safetensors_in_the_diffusers_layout(tmp_path):
+    """The command itself, once; the loading checks below read the session's models, which
+    write_tiny_model (the command's function) made."""
+    out = tmp_path / "controlnet"
+    subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out), "--kind", "controlnet"], check=True)
     assert not list(out.rglob("*.bin")), "weights must be safetensors only"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(out, local_files_only=True)
+    image = pipe(image=Image.new("RGB", (128, 64), (128, 64, 128)), prompt="a car on a road", num_inference_steps=2,
+                 width=128, height=64, generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (128, 64) and np.asarray(image).std() > 0  # a decoded image, not a blank
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sdxl_inpaint", "tiny_flux", "tiny_flux_fill"])
+def test_tiny_model_loads_in_stock_diffusers(model, request):
+    import diffusers
+
+    out = request.getfixturevalue(model)
+    assert not list(out.rglob("*.bin")), "weights must be safetensors only"
     generator = torch.Generator().manual_seed(0)
     common = dict(prompt="a car on a road", num_inference_steps=2, width=128, height=64, generator=generator)
-    if kind == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
-        image = pipe(**common).images[0]
-    elif kind == "sdxl-inpaint":
+    init, mask = Image.new("RGB", (128, 64), (90, 90, 90)), Image.new("L", (128, 64), 255)
+    if model == "tiny_sdxl":
+        image = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)(**common).images[0]
+    elif model == "tiny_sdxl_inpaint":
         pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(out, local_files_only=True)
         assert pipe.unet.config.in_channels == 9
-        init = Image.new("RGB", (128, 64), (90, 90, 90))
-        mask = Image.new("L", (128, 64), 255)
         image = pipe(image=init, mask_image=mask, strength=1.0, **common).images[0]
+    elif model == "tiny_flux":
+        pipe = diffusers.FluxPipeline.from_pretrained(out, local_files_only=True)
+        assert pipe.transformer.config.guidance_embeds and pipe.vae.config.shift_factor == 0.1159
+        image = pipe(max_sequence_length=64, **common).images[0]
     else:
-        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(out, local_files_only=True)
-        image = pipe(image=Image.new("RGB", (128, 64), (128, 64, 128)), **common).images[0]
+        pipe = diffusers.FluxFillPipeline.from_pretrained(out, local_files_only=True)
+        assert pipe.transformer.config.in_channels == 384
+        image = pipe(image=init, mask_image=mask, max_sequence_length=64, **common).images[0]
     assert image.size == (128, 64)
     assert np.asarray(image).std() > 0  # a decoded image, not a blank
 

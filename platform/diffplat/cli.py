@@ -91,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--host", default="127.0.0.1", help="address to listen on; anything else exposes every run")
     board.add_argument("--port", type=int, default=5000)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL pipeline in the diffusers layout")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random SDXL or FLUX.1 pipeline in the diffusers layout")
     tiny.add_argument("out")
-    tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet"], default="sdxl")
+    tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet", "flux", "flux-fill"], default="sdxl")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -248,6 +248,22 @@ class ControlNetSettings(_Strict):
                              "None: a new one from the base UNet")  # fmt: skip
 
 
+class FlowSettings(_Strict):
+    """Flow-matching training (FLUX.1): how noise levels are drawn, how the loss is weighted, and
+    the guidance value a guidance-distilled model (FLUX.1-dev) is given. SDXL ignores these."""
+
+    timestep_sampling: Literal["sigmoid", "logit_normal", "mode", "uniform"] = Field(
+        "sigmoid", description="sigmoid: ai-toolkit's flowmatch (1 - sigmoid(randn)); logit_normal, mode, uniform: "
+        "diffusers' --weighting_scheme")  # fmt: skip
+    logit_mean: float = Field(0.0, description="logit_normal: mean")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: standard deviation")
+    mode_scale: float = Field(1.29, description="mode: scale")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field("none", description="diffusers' loss weighting "
+                                                                    "for SD3/FLUX; none: all steps alike")  # fmt: skip
+    guidance_scale: float = Field(1.0, ge=0, description="the guidance input of FLUX.1-dev in training: ai-toolkit's "
+                                  "1.0; diffusers' train_dreambooth_lora_flux.py uses 3.5")  # fmt: skip
+
+
 class BucketSettings(_Strict):
     """Aspect-ratio buckets (kohya's enable_bucket): each row trains at the bucket nearest its
     shape, each batch holds one bucket. `resolutions` lists them; empty: derived from the data,
@@ -260,7 +276,7 @@ class BucketSettings(_Strict):
 
 class TrainConfig(_Strict):
     kind: Literal["lora", "ic_lora", "controlnet"] = "lora"
-    base_model: str = Field(description="hub id or local folder of an SDXL pipeline")
+    base_model: str = Field(description="hub id or local folder of an SDXL or FLUX.1 pipeline")
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
     variant: str | None = None
     data: str = Field(description="folder of Parquet shards written by `prepare`")
@@ -281,6 +297,9 @@ class TrainConfig(_Strict):
                                             "prompt (classifier-free guidance)")  # fmt: skip
     max_token_length: TokenLength = Field(75, description="caption tokens kept: 75 is one CLIP window (stock "
                                           "diffusers); 150 or 225 keep long multi-scene captions whole")  # fmt: skip
+    max_sequence_length: int = Field(512, gt=0, le=512, description="FLUX.1: T5 tokens kept (FLUX.1-dev's 512 keeps a "
+                                     "long multi-scene caption whole; schnell's is 256)")  # fmt: skip
+    flow: FlowSettings = FlowSettings()
     learning_rate: float = Field(1e-4, gt=0)
     # diffusers' get_scheduler, every name it offers (--lr_scheduler, --lr_num_cycles, --lr_power)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -346,12 +365,13 @@ class CacheConfig(_Strict):
     """The `cache` stage: the VAE and both text encoders run once over the shards (Ray Data
     actors, on GPUs where there are) and their latents and embeddings are written as shards;
     `train.cache` then trains from them and never loads those models. The fields that make a row
-    (model, vae, variant, resolution, crop, flip, seed, max_token_length) must be train's own:
+    (model, vae, variant, resolution, crop, flip, seed, token lengths) must be train's own:
     training refuses a cache made otherwise, naming the field."""
 
     data: str = Field(description="folder of Parquet shards written by `prepare`")
     output: str = "cache"
-    base_model: str = Field(description="hub id or local folder of an SDXL pipeline (its VAE and text encoders)")
+    base_model: str = Field(description="hub id or local folder of an SDXL or FLUX.1 pipeline (its VAE and text "
+                            "encoders)")  # fmt: skip
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, as train.vae")
     variant: str | None = None
     resolution: ModelResolution = (1024, 1024)
@@ -359,6 +379,7 @@ class CacheConfig(_Strict):
     random_flip: bool = False
     seed: int = Field(0, description="train.seed: a row's random crop and flip come from it and the row's id")
     max_token_length: TokenLength = 75
+    max_sequence_length: int = Field(512, gt=0, le=512, description="FLUX.1: T5 tokens kept, as train's")
     conditioning: bool = Field(False, description="keep each row's conditioning pixels (ControlNet); rows "
                                "without a conditioning image are left out")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="of the text encoders and the "

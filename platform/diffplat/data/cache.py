@@ -6,20 +6,20 @@ A cache folder holds
                              (`proportion_empty_prompts`) swaps them in
   cache_info.json            what made the rows (base_model, vae, variant, resolution, center_crop,
                              random_flip, seed, max_token_length), the dtype and shapes of the
-                             arrays, the VAE's scaling factor, the row count, and each shard's
+                             arrays, the family, the VAE's scaling and shift factors, the row count, and each shard's
                              rows and the Ray node that wrote it (replicas write their own shards)
 
 A row is what ToTrainingArrays makes of a shard row (the same crop and flip: both come from the
 seed and the row's id), encoded: the VAE's latent distribution as mean and std (training draws
 mean + std * noise from its own generator, as `latent_dist.sample` does, then scales), the
-caption's prompt embeddings encoded on its own (`windows` of 77 tokens; a batch pads shorter
-captions with the empty prompt's window, which is what encoding them together gives), the pooled
-embedding, the original size and crop corner for SDXL's time ids, and with `conditioning` the
+caption's prompt embeddings encoded on its own (`windows` of `tokens_per_window` tokens: SDXL's
+77-token CLIP windows, FLUX's one T5 sequence; a batch pads shorter captions with the empty
+prompt's window, which is what encoding them together gives), the pooled embedding, the original size and crop corner for SDXL's time ids, and with `conditioning` the
 conditioning pixels (uint8, exactly what ToTrainingArrays scales to 0..1).
 
 Arrays are binary columns, one row's array each: its raw bytes in C order, of cache_info's
-`dtype` (conditioning: uint8), shaped by cache_info: `latent_shape`, (77 * windows, `embed_dim`),
-(`pooled_dim`,), (3, height, width). Any Arrow tool reads them, e.g.
+`dtype` (conditioning: uint8), shaped by cache_info: `latent_shape`, (tokens_per_window * windows,
+`embed_dim`), (`pooled_dim`,), (3, height, width). Any Arrow tool reads them, e.g.
 np.frombuffer(row["latent_mean"], "float32").reshape(info["latent_shape"]) (bfloat16: torch).
 """
 
@@ -42,7 +42,6 @@ log = logging.getLogger("diffplat")
 
 CACHE_INFO = "cache_info.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-TOKENS = 77  # one CLIP window with its start and end tokens
 
 SCHEMA = pa.schema(
     [
@@ -62,7 +61,10 @@ SCHEMA = pa.schema(
 ARRAYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 
 # What makes a cached row: a training run must have the same, else the cache is not what it would encode.
-MADE_BY = ("base_model", "vae", "variant", "resolution", "center_crop", "random_flip", "seed", "max_token_length")
+MADE_BY = ("base_model", "vae", "variant", "resolution", "center_crop", "random_flip", "seed", "max_token_length",
+           "max_sequence_length")
+# Recorded by later versions only: a cache without the field was made with its default.
+MADE_BY_DEFAULTS = {"max_sequence_length": 512}
 
 
 def cache_differs(made: dict, train: TrainConfig, where: str) -> str | None:
@@ -73,7 +75,7 @@ def cache_differs(made: dict, train: TrainConfig, where: str) -> str | None:
         if field == "seed" and train.center_crop and not train.random_flip:
             continue
         want = getattr(train, field)
-        want, have = list(want) if isinstance(want, tuple) else want, made.get(field)
+        want, have = list(want) if isinstance(want, tuple) else want, made.get(field, MADE_BY_DEFAULTS.get(field))
         if want != have:
             return (f"train.{field} is {json.dumps(want)}, but {where.format(field=field)} is {json.dumps(have)}: "
                     "the cache holds what a training run with that value would see; make the cache again with "
@@ -129,7 +131,7 @@ class CachedInputs:
         self.device = device
         self.dtype = DTYPES[self.info["dtype"]]
         empty = load_file(Path(folder) / EMPTY_PROMPT)
-        self.empty = empty["prompt_embeds"].to(device, torch.float32)  # (77, embed_dim): one window
+        self.empty = empty["prompt_embeds"].to(device, torch.float32)  # (tokens_per_window, embed_dim): one window
         self.empty_pooled = empty["pooled_prompt_embeds"].to(device, torch.float32)
 
     def _stack(self, column, shape):
@@ -138,13 +140,16 @@ class CachedInputs:
         return torch.stack([_tensor(b, self.dtype, shape) for b in column]).to(self.device, torch.float32)
 
     def latents(self, batch: dict, generator):
-        """`latent_dist.sample(generator)` times the scaling factor, from the stored mean and std."""
+        """`latent_dist.sample(generator)`, shifted and scaled as the family's encode_images does,
+        from the stored mean and std."""
         import torch
+
+        from diffplat.models.families import scale_latents
 
         shape = self.info["latent_shape"]
         mean, std = self._stack(batch["latent_mean"], shape), self._stack(batch["latent_std"], shape)
         sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return sample * self.info["scaling_factor"]
+        return scale_latents(sample, self.info.get("shift_factor"), self.info["scaling_factor"])
 
     def prompts(self, batch: dict, dropped: list[bool]):
         """(prompt_embeds, pooled) as encoding the batch's captions together (dropped ones as "")
@@ -159,7 +164,7 @@ class CachedInputs:
                 embeds.append(self.empty.repeat(count, 1))
                 pooled.append(self.empty_pooled)
                 continue
-            own = self._stack([data], (TOKENS * w, self.info["embed_dim"]))[0]
+            own = self._stack([data], (self.info["tokens_per_window"] * w, self.info["embed_dim"]))[0]
             embeds.append(torch.cat([own, self.empty.repeat(count - w, 1)]))
             pooled.append(self._stack([pooled_data], (self.info["pooled_dim"],))[0])
         return torch.stack(embeds), torch.stack(pooled)
@@ -176,21 +181,22 @@ class CachedInputs:
 
 
 class Encoder:
-    """One Ray Data actor of the cache stage: the VAE and both text encoders (never the UNet),
+    """One Ray Data actor of the cache stage: the VAE and the text encoders (never the denoiser),
     on a GPU when Ray gave it one. Maps ToTrainingArrays batches to cache rows."""
 
     def __init__(self, config: dict):
         import torch
 
-        from diffplat.models.loading import DTYPES, load_encoders
+        from diffplat.models.families import family_of
+        from diffplat.models.loading import DTYPES
 
         self.config = c = CacheConfig.model_validate(config)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[c.dtype]
-        parts = load_encoders(c.base_model, c.vae, c.variant)
-        self.tokenizers = (parts["tokenizer"], parts["tokenizer_2"])
-        self.text_encoders = tuple(parts[k].requires_grad_(False).to(self.device, self.dtype).eval()
-                                   for k in ("text_encoder", "text_encoder_2"))  # fmt: skip
+        self.family = family_of(c.base_model)
+        parts = self.family.load_encoders(c.base_model, c.vae, c.variant)
+        self.tokenizers = parts["tokenizers"]
+        self.text_encoders = tuple(e.requires_grad_(False).to(self.device, self.dtype).eval() for e in parts["text_encoders"])
         # As in training: the SDXL VAE overflows in fp16, so float32 unless an fp16-safe VAE is given.
         vae_dtype = self.dtype if c.vae else torch.float32
         self.vae = parts["vae"].requires_grad_(False).to(self.device, vae_dtype).eval()
@@ -205,15 +211,14 @@ class Encoder:
     def prompts(self, captions: list[str]):
         """Each caption's embeddings encoded on its own windows (captions that fill as many
         windows are encoded together), its pooled embedding, and its window count."""
-        from diffplat.models.text import encode_prompts, window_counts
-
-        length = self.config.max_token_length
-        counts = window_counts(self.tokenizers[0], captions, length)
+        length = self.family.prompt_length(self.config)
+        counts = self.family.prompt_windows(self.tokenizers, captions, length)
         embeds, pooled = np.empty(len(captions), object), np.empty(len(captions), object)
         for count in sorted(set(counts)):
             rows = [i for i, n in enumerate(counts) if n == count]
-            e, p = encode_prompts(self.tokenizers, self.text_encoders, [captions[i] for i in rows], self.device, length)
-            embeds[rows], pooled[rows] = self._bytes(e), self._bytes(p)
+            p = self.family.encode_prompts(self.tokenizers, self.text_encoders, [captions[i] for i in rows], self.device,
+                                           length)  # fmt: skip
+            embeds[rows], pooled[rows] = self._bytes(p.embeds), self._bytes(p.pooled)
         return embeds, pooled, np.array(counts, np.int32)
 
     def __call__(self, batch: dict) -> dict:
@@ -238,16 +243,18 @@ class Encoder:
         """What cache_info.json records of the models, and the empty prompt's embeddings."""
         import torch
 
-        from diffplat.models.text import encode_prompts
-
-        with torch.no_grad():
-            embeds, pooled = encode_prompts(self.tokenizers, self.text_encoders, [""], self.device,
-                                            self.config.max_token_length)  # fmt: skip
+        with torch.no_grad():  # one window: the empty caption fills one
+            empty = self.family.encode_prompts(self.tokenizers, self.text_encoders, [""], self.device,
+                                               self.family.prompt_length(self.config))  # fmt: skip
+        embeds, pooled = empty.embeds, empty.pooled
         vae = self.vae.config
         scale = 2 ** (len(vae.block_out_channels) - 1)
         width, height = self.config.resolution
-        facts = {"scaling_factor": float(vae.scaling_factor), "latent_shape": [vae.latent_channels, height // scale,
-                 width // scale], "embed_dim": embeds.shape[-1], "pooled_dim": pooled.shape[-1]}  # fmt: skip
+        shift = getattr(vae, "shift_factor", None)
+        facts = {"family": self.family.name, "scaling_factor": float(vae.scaling_factor),
+                 "shift_factor": None if shift is None else float(shift),
+                 "latent_shape": [vae.latent_channels, height // scale, width // scale], "embed_dim": embeds.shape[-1],
+                 "pooled_dim": pooled.shape[-1], "tokens_per_window": embeds.shape[1]}  # fmt: skip
         empty = {"prompt_embeds": embeds[0].to("cpu", self.dtype).contiguous(),
                  "pooled_prompt_embeds": pooled[0].to("cpu", self.dtype).contiguous()}  # fmt: skip
         return facts, empty
@@ -261,7 +268,7 @@ def write_cache_meta(folder: Path, config: CacheConfig, facts: dict, empty: dict
 
     spec = config.model_dump(mode="json")
     info = {**{k: spec[k] for k in MADE_BY}, "conditioning": config.conditioning, "dtype": config.dtype, **facts,
-            "tokens_per_window": TOKENS, "rows": rows, "data": config.data, "shards": shards or []}  # fmt: skip
+            "rows": rows, "data": config.data, "shards": shards or []}  # fmt: skip
     save_file(empty, str(Path(folder) / EMPTY_PROMPT))
     write_json_atomic(Path(folder) / CACHE_INFO, info)
     return info

@@ -64,13 +64,13 @@ def load_map(path: str | Path, size: tuple[int, int], segmentation: bool = True)
 
 def load_controlnet_pipeline(base_model: str, controlnet: str, lora: str | None = None, vae: str | None = None,
                              variant: str | None = None, dtype=None, scheduler: str = "default"):  # fmt: skip
-    """StableDiffusionXLControlNetPipeline with a saved ControlNet (and optionally a LoRA)."""
+    """The family's ControlNet pipeline (SDXL: StableDiffusionXLControlNetPipeline) with a saved
+    ControlNet (and optionally a LoRA)."""
     import torch
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    from diffplat.models.loading import load_pipeline, source_kwargs
+    from diffplat.models.families import family_of
+    from diffplat.models.loading import load_pipeline
 
     dtype = dtype or torch.float32
-    net = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, **source_kwargs(controlnet))
-    return load_pipeline(base_model, vae, variant, dtype, StableDiffusionXLControlNetPipeline, scheduler, lora,
-                         controlnet=net)  # fmt: skip
+    net = family_of(base_model).new_controlnet(None, controlnet, dtype)
+    return load_pipeline(base_model, vae, variant, dtype, "controlnet", scheduler, lora, controlnet=net)

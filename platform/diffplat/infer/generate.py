@@ -112,6 +112,7 @@ class Generator:
     def __init__(self, config: dict, output: str):
         import torch
 
+        from diffplat.models.families import family_of
         from diffplat.models.loading import DTYPES, load_pipeline
         from diffplat.models.lora import adapter_info
 
@@ -120,7 +121,8 @@ class Generator:
         c = self.config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = DTYPES[c.dtype]
-        self.max_token_length = c.max_token_length or (adapter_info(c.lora).get("max_token_length", 75) if c.lora else 75)
+        self.family = family_of(c.base_model)
+        self.max_token_length = self.family.sampling_prompt_length(c.max_token_length, adapter_info(c.lora) if c.lora else {})
         if c.kind == "controlnet":
             from diffplat.infer.controlnet import load_controlnet_pipeline
 
@@ -173,21 +175,20 @@ class Generator:
     def _text(self, batch: dict) -> list[Made]:
         import torch
 
-        from diffplat.infer.panels import prompt_keywords
-
         c = self.config
         width, height = c.resolution
         prompts = [str(p) for p in batch["prompt"]]
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["seed"]]
+        # several LoRAs carry their scales in set_adapters; one alone scales here
+        scale = self.family.adapter_scale_kwargs(c.adapter_scale) if c.lora and not c.loras else {}
         images = self.pipe(
-            **prompt_keywords(self.pipe, prompts, [c.negative_prompt] * len(prompts), self.max_token_length),
+            **self.family.prompt_kwargs(self.pipe, prompts, [c.negative_prompt] * len(prompts), self.max_token_length),
             width=width,
             height=height,
             num_inference_steps=c.num_inference_steps,
             guidance_scale=c.guidance_scale,
             generator=generators,
-            # several LoRAs carry their scales in set_adapters; one alone scales here
-            cross_attention_kwargs={"scale": c.adapter_scale} if c.lora and not c.loras else None,
+            **scale,
         ).images
         return [Made(image) for image in images]
 
@@ -217,7 +218,6 @@ class Generator:
         from diffplat.data.bdd import MaskError
         from diffplat.data.composites import side_by_side
         from diffplat.infer.controlnet import load_map
-        from diffplat.infer.panels import prompt_keywords
 
         c, n = self.config, self.config.controlnet
         made = []
@@ -228,11 +228,11 @@ class Generator:
                 made.append(Made(error=str(err) if isinstance(err, MaskError) else f"{Path(path).name}: {err}"))
                 continue
             image = self.pipe(
-                **prompt_keywords(self.pipe, [str(prompt)], [c.negative_prompt], self.max_token_length),
+                **self.family.prompt_kwargs(self.pipe, [str(prompt)], [c.negative_prompt], self.max_token_length),
                 image=cond, controlnet_conditioning_scale=n.conditioning_scale, width=c.resolution[0],
                 height=c.resolution[1], num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
                 generator=torch.Generator(self.device).manual_seed(int(seed)),
-                cross_attention_kwargs={"scale": c.adapter_scale} if c.lora else None,
+                **(self.family.adapter_scale_kwargs(c.adapter_scale) if c.lora else {}),
             ).images[0]  # fmt: skip
             made.append(Made(image, side_by_side([cond, image]) if n.save_comparison else None))
         return made

@@ -1,9 +1,10 @@
 """In-Context LoRA panel filling: a composite in, the named panels painted anew, the rest kept.
 
-The pipeline is stock `StableDiffusionXLInpaintPipeline`: with an inpainting UNet (9 channels,
-what `ic_lora` masked mode trains) it sees the kept panels as masked-image latents; with a
-plain UNet (the published composite recipe) it re-noises the kept panels at every step and
-pastes them in. Either way the panels not named are copied back from the input afterwards,
+The pipeline is the base model family's stock inpainting one (SDXL:
+`StableDiffusionXLInpaintPipeline`; FLUX.1: `FluxFillPipeline` for a Fill model, else
+`FluxInpaintPipeline`): with an inpainting denoiser (what `ic_lora` masked mode trains) it sees
+the kept panels as masked-image latents; with a plain one (the published composite recipe) it
+re-noises the kept panels at every step and pastes them in. Either way the panels not named are copied back from the input afterwards,
 pixel for pixel, so a fill never alters them; a soft mask (`gradient_width`) blends the seams
 inside the filled panels only.
 """
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from diffplat.data.composites import CompositeError, Layout, gradient_mask, panel_mask, paste_fill, side_by_side
+from diffplat.models.families import family_of, family_of_pipeline
 
 SOURCE_1_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -33,7 +35,7 @@ class FillOptions:
     use_gradient_mask: bool = False
     gradient_width: int = 20
     adapter_scale: float = 1.0
-    max_token_length: int = 75  # caption tokens; an adapter records what it was trained with
+    max_token_length: int = 75  # caption tokens (FLUX: T5's); an adapter records what it was trained with
 
 
 @dataclass
@@ -44,9 +46,10 @@ class Fill:
     comparison: Image.Image  # input | mask | output
 
 
-def working_size(layout: Layout, width: int, height: int) -> tuple[int, int]:
-    """The nearest size at which every panel is a whole number of latent cells (8 px)."""
-    step_w, step_h = 8 * layout.cols, 8 * layout.rows
+def working_size(layout: Layout, width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """The nearest size at which every panel is a whole number of `multiple` px (a latent cell,
+    or FLUX's packed 2x2 cells)."""
+    step_w, step_h = multiple * layout.cols, multiple * layout.rows
     return max(step_w, round(width / step_w) * step_w), max(step_h, round(height / step_h) * step_h)
 
 
@@ -61,12 +64,13 @@ def fill_panels(pipe, composite: Image.Image, prompt: str, seeds: list[int], opt
     panels = layout.check_panels(options.panels, where)
     if len(panels) == layout.panels:
         raise CompositeError(f"{where}: every panel of layout {layout} is named; nothing is left to condition on")
-    width, height = working_size(layout, composite.width, composite.height)
+    family = family_of_pipeline(pipe)
+    width, height = working_size(layout, composite.width, composite.height, family.pixel_multiple)
     work = composite.resize((width, height), Image.BICUBIC) if (width, height) != composite.size else composite
     hard = Image.fromarray((panel_mask(layout, panels, width, height) * 255).astype(np.uint8), "L")
     device = pipe._execution_device
     images = pipe(
-        **prompt_keywords(pipe, [prompt], [options.negative_prompt or ""], options.max_token_length),
+        **family.prompt_kwargs(pipe, [prompt], [options.negative_prompt or ""], options.max_token_length),
         image=work,
         mask_image=hard,
         width=width,
@@ -76,7 +80,7 @@ def fill_panels(pipe, composite: Image.Image, prompt: str, seeds: list[int], opt
         guidance_scale=options.guidance_scale,
         num_images_per_prompt=len(seeds),
         generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
-        cross_attention_kwargs={"scale": options.adapter_scale},
+        **family.adapter_scale_kwargs(options.adapter_scale),
     ).images
     w, h = composite.size
     soft = (gradient_mask(layout, panels, w, h, options.gradient_width) if options.use_gradient_mask
@@ -89,26 +93,15 @@ def fill_panels(pipe, composite: Image.Image, prompt: str, seeds: list[int], opt
     return fills
 
 
-def prompt_keywords(pipe, prompts: list[str], negatives: list[str], max_token_length: int) -> dict:
-    """Plain prompts for one CLIP window (the pipeline encodes them itself, as stock diffusers
-    does); embeddings of several windows, encoded as in training, for longer captions."""
-    if max_token_length <= 75:
-        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
-    from diffplat.models.text import pipeline_prompt_embeds
-
-    return pipeline_prompt_embeds(pipe, prompts, negatives, max_token_length)
-
-
 def load_fill_pipeline(base_model: str, lora: str | None = None, vae: str | None = None, variant: str | None = None,
                        dtype=None, scheduler: str = "default"):  # fmt: skip
-    """StableDiffusionXLInpaintPipeline from any SDXL folder or hub id (plain or inpainting UNet)."""
+    """The family's inpainting pipeline (SDXL: StableDiffusionXLInpaintPipeline) from any folder
+    or hub id of it (plain or inpainting denoiser)."""
     import torch
-    from diffusers import StableDiffusionXLInpaintPipeline
 
     from diffplat.models.loading import load_pipeline
 
-    return load_pipeline(base_model, vae, variant, dtype or torch.float32, StableDiffusionXLInpaintPipeline, scheduler,
-                         lora, requires_aesthetics_score=False)  # fmt: skip
+    return load_pipeline(base_model, vae, variant, dtype or torch.float32, "inpaint", scheduler, lora)
 
 
 def fill_command(args) -> list[str]:
@@ -136,7 +129,7 @@ def fill_command(args) -> list[str]:
         panels=tuple(args.panels_to_inpaint), layout=args.layout, negative_prompt=args.negative_prompt,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, strength=args.strength,
         use_gradient_mask=args.use_gradient_mask, gradient_width=args.gradient_width,
-        max_token_length=args.max_token_length or info.get("max_token_length", 75),
+        max_token_length=family_of(base).sampling_prompt_length(args.max_token_length, info),
     )  # fmt: skip
     # Bad panels or sizes are named before the (slow) model load.
     layout = Layout.parse(options.layout)

@@ -1,4 +1,4 @@
-"""Load SDXL parts the way a real SDXL loads: a hub id or a local diffusers folder.
+"""Load models the way real ones load: a hub id or a local diffusers folder.
 
 A local folder loads with `local_files_only=True`; weights load from safetensors only.
 """
@@ -6,7 +6,6 @@ A local folder loads with `local_files_only=True`; weights load from safetensors
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -22,20 +21,6 @@ def source_kwargs(model: str, variant: str | None = None) -> dict:
     return kwargs
 
 
-@dataclass
-class SDXLParts:
-    """What a training step needs; the text encoders and VAE stay frozen. Training from a cache
-    loads only the UNet and the noise scheduler: the other parts are None."""
-
-    unet: torch.nn.Module
-    noise_scheduler: object
-    tokenizer: object = None
-    tokenizer_2: object = None
-    text_encoder: torch.nn.Module | None = None
-    text_encoder_2: torch.nn.Module | None = None
-    vae: torch.nn.Module | None = None
-
-
 def load_vae(base_model: str, vae: str | None, variant: str | None = None):
     from diffusers import AutoencoderKL
 
@@ -44,52 +29,24 @@ def load_vae(base_model: str, vae: str | None, variant: str | None = None):
     return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **source_kwargs(base_model, variant))
 
 
-def load_encoders(base_model: str, vae: str | None = None, variant: str | None = None) -> dict:
-    """The parts that turn captions and pixels into what the UNet sees: both tokenizers and text
-    encoders, and the VAE (SDXLParts' field names)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    kw = source_kwargs(base_model, variant)
-    tok_kw = {"local_files_only": kw["local_files_only"]}
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **tok_kw),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer_2", **tok_kw),
-        "text_encoder": CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2", **kw),
-        "vae": load_vae(base_model, vae, variant),
-    }
-
-
-def load_sdxl_parts(base_model: str, vae: str | None = None, variant: str | None = None,
-                    encoders: bool = True) -> SDXLParts:  # fmt: skip
-    """The UNet and the noise scheduler, and with `encoders` (not from a cache) load_encoders' parts."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    kw = source_kwargs(base_model, variant)
-    return SDXLParts(
-        unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
-        # Training adds noise with DDPM's schedule, from the base model's own scheduler config.
-        noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler",
-                                                      local_files_only=kw["local_files_only"]),  # fmt: skip
-        **(load_encoders(base_model, vae, variant) if encoders else {}),
-    )
-
-
 def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32,
-                  pipeline_class=None, scheduler: str = "default", lora: str | None = None,
+                  task: str = "text", scheduler: str = "default", lora: str | None = None,
                   loras: list[tuple[str, float]] = (), **components):  # fmt: skip
-    """An SDXL pipeline of `pipeline_class` (text-to-image by default; inpainting, ControlNet),
-    with an optional VAE override, sampler and LoRA; `components` go to from_pretrained (a
-    ControlNet, requires_aesthetics_score, ...). One loader for bulk jobs and the HTTP API."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """The base model's family's pipeline for `task` ("text", "inpaint", "controlnet"), with an
+    optional VAE override, sampler and LoRA; `components` go to from_pretrained (a ControlNet,
+    ...). One loader for bulk jobs and the HTTP API."""
+    from diffplat.models.families import family_of
     from diffplat.models.lora import lora_location
+
+    family = family_of(base_model)
 
     weights = lora_location(lora) if lora else None  # a pickle is refused before anything loads
     several = [(lora_location(path), scale) for path, scale in loras]
     extra = {"vae": load_vae(base_model, vae, variant)} if vae else {}
-    pipe = (pipeline_class or StableDiffusionXLPipeline).from_pretrained(
-        base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra, **components
+    inpainting = task == "inpaint" and family.is_inpainting(family.denoiser_config(base_model))
+    pipe = family.pipeline_class(task, inpainting).from_pretrained(
+        base_model, torch_dtype=dtype, **source_kwargs(base_model, variant), **extra,
+        **(family.inpaint_extras if task == "inpaint" else {}), **components
     )
     set_scheduler(pipe, scheduler)
     if weights:

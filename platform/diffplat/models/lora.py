@@ -1,5 +1,5 @@
-"""LoRA on the SDXL UNet (and optionally its two text encoders), saved in the file format stock
-diffusers `load_lora_weights` reads."""
+"""LoRA on a base model's denoiser (and optionally its text encoders), saved in the file format
+stock diffusers `load_lora_weights` reads for that model's family."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings, what: str = "UNet"):
-    """Freeze `model` (the UNet or a text encoder) and add trainable LoRA layers; returns the
+    """Freeze `model` (the denoiser or a text encoder) and add trainable LoRA layers; returns the
     LoraConfig used."""
     from peft import inject_adapter_in_model
 
@@ -94,24 +94,16 @@ def _layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
 
 
-def save_lora(unet: torch.nn.Module, lora_config, folder: Path, info: dict, text_encoders=(), text_lora_config=None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` + `adapter_info.json`, replacing `folder`
-    atomically; with `text_encoders` (both, LoRA-trained), their layers go in the same file."""
-    from diffusers import StableDiffusionXLPipeline
-
+def save_lora(family, denoiser: torch.nn.Module, lora_config, folder: Path, info: dict, text_encoders: dict | None = None,
+              text_lora_config=None) -> Path:  # fmt: skip
+    """Write the family's LoRA file (`pytorch_lora_weights.safetensors`, as its pipeline's
+    `save_lora_weights` writes it) + `adapter_info.json`, replacing `folder` atomically;
+    `text_encoders` ({pipeline name: encoder}, LoRA-trained) go in the same file."""
     # Without the metadata a reload assumes alpha == rank and the images change.
-    text = {}
-    for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-        text[f"{name}_lora_layers"] = _layers(encoder)
-        text[f"{name}_lora_adapter_metadata"] = text_lora_config.to_dict()
+    text = {name: _layers(encoder) for name, encoder in (text_encoders or {}).items()}
     with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
-        StableDiffusionXLPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=_layers(unet),
-            unet_lora_adapter_metadata=lora_config.to_dict(),
-            safe_serialization=True,
-            **text,
-        )
+        family.save_lora(tmp, _layers(denoiser), lora_config.to_dict(), text,
+                         text_lora_config.to_dict() if text_lora_config else None)  # fmt: skip
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return Path(folder)
 

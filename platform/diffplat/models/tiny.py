@@ -1,10 +1,13 @@
-"""Tiny, randomly initialised SDXL pipelines, written in the diffusers folder layout.
+"""Tiny, randomly initialised SDXL and FLUX.1 pipelines, written in the diffusers folder layout.
 
-Real architectures at toy sizes: a UNet with SDXL's text-time conditioning, a 4-block VAE that
-shrinks 8x like the real one, two CLIP text encoders (the second with a projection), two
-tokenizers built from a byte-level vocabulary (no download), and SDXL's Euler scheduler. Stock
-`StableDiffusionXLPipeline.from_pretrained(folder)` loads the result, so every other module
-is tested on the same loading path a real SDXL takes.
+Real architectures at toy sizes. SDXL: a UNet with SDXL's text-time conditioning, a 4-block VAE
+that shrinks 8x like the real one, two CLIP text encoders (the second with a projection), two
+tokenizers built from a byte-level vocabulary (no download), and SDXL's Euler scheduler.
+FLUX.1: a one-double-block, one-single-block transformer with guidance embedding (FLUX.1-dev's
+kind; Fill: 384 input channels), a 16-channel VAE with FLUX's shift and scale, CLIP and T5
+encoders with tokenizers built in code, and FLUX's flow-matching scheduler. Stock
+`StableDiffusionXLPipeline` / `FluxPipeline.from_pretrained(folder)` load the result, so every
+other module is tested on the same loading path a real model takes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from diffplat.fileio import replace_dir
 
-TinyKind = Literal["sdxl", "sdxl-inpaint", "controlnet"]
+TinyKind = Literal["sdxl", "sdxl-inpaint", "controlnet", "flux", "flux-fill"]
+TINY_KINDS = TinyKind.__args__
 
 _TEXT_HIDDEN = 32  # each encoder; the UNet's cross_attention_dim is the two added
 _PROJECTION = 32
@@ -132,8 +136,70 @@ def sdxl_scheduler():
     )
 
 
+def _t5_tokenizer():
+    """A Unigram T5 tokenizer from a list of pieces: every printable character, alone and
+    word-initial (any English text tokenises), no file needed."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.printable.strip():
+        pieces += [(ch, -3.0), ("\u2581" + ch, -3.5)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_flux_transformer(in_channels: int = 64):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,  # 64: 16 latent channels packed 2x2; Fill: + masked latents 64 + mask 256
+        out_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_HIDDEN,  # T5's d_model
+        pooled_projection_dim=_TEXT_HIDDEN,  # CLIP's hidden size
+        guidance_embeds=True,  # as FLUX.1-dev (guidance-distilled)
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+
+
+def build_tiny_flux(kind: str, seed: int = 0):
+    """A tiny FluxPipeline (or FluxFillPipeline for "flux-fill")."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_encoder, _ = _text_encoders(len(tokenizer))
+    tokenizer_2 = _t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=_TEXT_HIDDEN, d_kv=8, d_ff=37,
+                                             num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                             decoder_start_token_id=0))  # fmt: skip
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=128, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)  # fmt: skip
+    # FLUX.1-dev's scheduler settings: the shift follows the image's token count
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)  # fmt: skip
+    fill = kind == "flux-fill"
+    pipeline = FluxFillPipeline if fill else FluxPipeline
+    return pipeline(transformer=tiny_flux_transformer(384 if fill else 64), vae=vae, text_encoder=text_encoder,
+                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
 def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
     """The pipeline object (not saved); weights are random but reproducible from `seed`."""
+    if kind in ("flux", "flux-fill"):
+        return build_tiny_flux(kind, seed)
     from diffusers import (
         ControlNetModel,
         StableDiffusionXLControlNetPipeline,
@@ -165,7 +231,7 @@ def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
         # One conditioning channel entry per VAE downsampling block (4 here, as in SDXL).
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
         return StableDiffusionXLControlNetPipeline(unet=unet, controlnet=controlnet, **parts)
-    raise ValueError(f"unknown tiny model kind {kind!r}: use sdxl, sdxl-inpaint or controlnet")
+    raise ValueError(f"unknown tiny model kind {kind!r}: use one of {', '.join(TINY_KINDS)}")
 
 
 def write_tiny_model(out: str | Path, kind: TinyKind = "sdxl", seed: int = 0) -> Path:

@@ -16,6 +16,16 @@ def select_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def skip_inference_comm_op() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory C++ op each time it sets up communication
+    and finds no build (about 140 CPU-seconds: once per machine, and again whenever a different
+    `ninja` did the last build). Only its inference all-reduce uses the op, never training: marked
+    incompatible, it is not built, and no C++ compiler is needed to train on CPU."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_config(config: TrainConfig, client_optimizer: bool = False) -> dict:
     ds: dict = {
         "train_micro_batch_size_per_gpu": config.train_batch_size,

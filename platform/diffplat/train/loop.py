@@ -122,11 +122,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from diffplat.config import TrainConfig
     from diffplat.tracking import RankZeroLogger
     from diffplat.train.checkpoint import CheckpointMismatch
-    from diffplat.train.deepspeed_config import deepspeed_config
+    from diffplat.train.deepspeed_config import deepspeed_config, skip_inference_comm_op
     from diffplat.train.ema import MovingAverage
     from diffplat.train.objectives import OBJECTIVES
 
     config = TrainConfig.model_validate(loop_config["train"])
+    if not torch.cuda.is_available():
+        skip_inference_comm_op()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -63,17 +63,15 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
             except CompositeError as err:
                 raise ConfigError(str(err)) from None
         if config.ic_lora.mode == "masked" or config.cache:
-            from diffusers import UNet2DConditionModel
+            from diffplat.models.families import family_of
+            from diffplat.train.objectives import cache_needs_plain_model, needs_inpainting_model
 
-            from diffplat.models.loading import source_kwargs
-            from diffplat.train.objectives import INPAINT_CHANNELS, cache_needs_plain_unet, needs_inpainting_unet
-
-            unet = UNet2DConditionModel.load_config(config.base_model, subfolder="unet",
-                                                    local_files_only=source_kwargs(config.base_model)["local_files_only"])  # fmt: skip
-            if config.ic_lora.mode == "masked" and unet["in_channels"] != INPAINT_CHANNELS:
-                raise ConfigError(needs_inpainting_unet(config.base_model, unet["in_channels"]))
-            if config.cache and unet["in_channels"] == INPAINT_CHANNELS:
-                raise ConfigError(cache_needs_plain_unet(config.base_model))
+            family = family_of(config.base_model)
+            denoiser = family.denoiser_config(config.base_model)
+            if config.ic_lora.mode == "masked" and not family.is_inpainting(denoiser):
+                raise ConfigError(needs_inpainting_model(config.base_model, family, denoiser))
+            if config.cache and family.is_inpainting(denoiser):
+                raise ConfigError(cache_needs_plain_model(config.base_model))
     if config.num_train_epochs:
         per_step = config.train_batch_size * config.scaling.num_workers * config.gradient_accumulation_steps
         steps = max(1, rows // per_step) * config.num_train_epochs
