@@ -73,14 +73,18 @@ def test_the_fill_input_is_what_flux_fill_pipeline_feeds_its_transformer(tiny_fl
     torch.testing.assert_close(pack(ours), theirs)
 
 
-def _trained_lora(base, folder, targets=("to_k", "to_q", "to_v", "to_out.0")):
+AI_TOOLKIT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
+                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+
+
+def _trained_lora(base, folder, targets=AI_TOOLKIT_TARGETS):
     torch.manual_seed(0)
     config = TrainConfig(base_model=str(base), data="unused", max_train_steps=1, resolution=(64, 64),
                          lora={"rank": 4, "alpha": 4, "target_modules": list(targets)})  # fmt: skip
     objective = OBJECTIVES["lora"](config, torch.device("cpu"))
     for name, p in objective.module.named_parameters():
         if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+            p.data.normal_(0, 1.0)
     return objective.save(objective.module, folder, {"base_model": str(base), "step": 1})
 
 

@@ -86,11 +86,14 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, what: str = "UNet")
     return config
 
 
-def _layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _layers(model: torch.nn.Module, peft_keys: bool = False) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of `model`: peft's keys (`lora_A`/`lora_B`), or converted to diffusers'
+    older ones (`lora.down`/`lora.up`) as diffusers' SDXL scripts save them."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = get_peft_model_state_dict(model)
+    layers = layers if peft_keys else convert_state_dict_to_diffusers(layers)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
 
 
@@ -100,9 +103,9 @@ def save_lora(family, denoiser: torch.nn.Module, lora_config, folder: Path, info
     `save_lora_weights` writes it) + `adapter_info.json`, replacing `folder` atomically;
     `text_encoders` ({pipeline name: encoder}, LoRA-trained) go in the same file."""
     # Without the metadata a reload assumes alpha == rank and the images change.
-    text = {name: _layers(encoder) for name, encoder in (text_encoders or {}).items()}
+    text = {name: _layers(encoder, family.peft_lora_keys) for name, encoder in (text_encoders or {}).items()}
     with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
-        family.save_lora(tmp, _layers(denoiser), lora_config.to_dict(), text,
+        family.save_lora(tmp, _layers(denoiser, family.peft_lora_keys), lora_config.to_dict(), text,
                          text_lora_config.to_dict() if text_lora_config else None)  # fmt: skip
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return Path(folder)

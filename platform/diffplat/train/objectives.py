@@ -60,7 +60,7 @@ class DiffusionObjective:
             self._freeze_encoders()
         self.scheduler = self.parts.noise_scheduler
         self.noising = self.family.noising(self.scheduler, config)
-        self.step_conditioning = self.family.train_conditioning(config)
+        self.step_conditioning = self.family.train_conditioning(config, self.parts.denoiser.config)
         self.prediction_type = self.noising.prediction_type
         # Caption dropout draws from its own generator (the loop seeded torch with seed + rank).
         self.caption_rng = torch.Generator().manual_seed(torch.initial_seed() + CAPTION_SEED_OFFSET)

@@ -64,12 +64,15 @@ class Family:
 
     def denoiser_config(self, base_model: str) -> dict:
         """The denoiser's config.json, read without loading its weights."""
-        from diffusers import ModelMixin
+        from diffusers.configuration_utils import ConfigMixin
 
         from diffplat.models.loading import source_kwargs
 
+        class ModelConfig(ConfigMixin):  # any diffusers model's config.json
+            config_name = "config.json"
+
         local = source_kwargs(base_model)["local_files_only"]
-        return dict(ModelMixin.load_config(base_model, subfolder=self.denoiser, local_files_only=local))
+        return dict(ModelConfig.load_config(base_model, subfolder=self.denoiser, local_files_only=local))
 
     def components(self, parts: Parts) -> dict:
         """The parts under the names a diffusers pipeline of this family takes."""
@@ -112,8 +115,9 @@ class Family:
         """The training-time noise process (train/noising.py) for a TrainConfig."""
         raise NotImplementedError
 
-    def train_conditioning(self, config) -> dict:
-        """Conditioning a TrainConfig fixes for every step (FLUX.1-dev's guidance value); {} for most."""
+    def train_conditioning(self, config, denoiser: dict) -> dict:
+        """Conditioning a TrainConfig fixes for every step, for a denoiser of this config
+        (FLUX.1-dev's guidance value); {} for most."""
         return {}
 
     def predict(self, model, latents: torch.Tensor, t: torch.Tensor, prompts: Prompts, extra: dict) -> torch.Tensor:
@@ -133,6 +137,7 @@ class Family:
 
     # --- sampling and saving ---
     pixel_multiple: int = 8  # image sides (and a composite's panels) must be multiples of this
+    peft_lora_keys: bool = False  # LoRA files keep peft's lora_A/lora_B keys (else diffusers' lora.down/up)
 
     def prompt_kwargs(self, pipe, prompts: list[str], negatives: list[str], max_tokens: int) -> dict:
         """The prompt keywords of a pipeline call, encoded as training encoded them."""

@@ -107,15 +107,16 @@ class Flux(Family):
         f = config.flow
         return FlowMatchNoising(f.timestep_sampling, f.loss_weighting, f.logit_mean, f.logit_std, f.mode_scale)
 
-    def train_conditioning(self, config) -> dict:
-        return {"guidance": config.flow.guidance_scale}
+    def train_conditioning(self, config, denoiser: dict) -> dict:
+        # FLUX.1-dev is guidance-distilled: the guidance value is an input (schnell has none)
+        return {"guidance": config.flow.guidance_scale} if denoiser.get("guidance_embeds") else {}
 
     def predict(self, model, latents, t, prompts, extra):
         dtype = next(model.parameters()).dtype
         b, _, h, w = latents.shape
         guidance = None
-        if model.config.guidance_embeds:  # FLUX.1-dev: distilled guidance is an input
-            guidance = torch.full((b,), float(extra.get("guidance", 1.0)), device=latents.device, dtype=dtype)
+        if "guidance" in extra:
+            guidance = torch.full((b,), float(extra["guidance"]), device=latents.device, dtype=dtype)
         out = model(hidden_states=pack(latents).to(dtype), timestep=(t / 1000).to(dtype), guidance=guidance,
                     pooled_projections=prompts.pooled.to(dtype), encoder_hidden_states=prompts.embeds.to(dtype),
                     txt_ids=torch.zeros(prompts.embeds.shape[1], 3, device=latents.device, dtype=dtype),
@@ -130,6 +131,7 @@ class Flux(Family):
         return denoiser["in_channels"] == FILL_CHANNELS
 
     pixel_multiple = 16  # 8x the VAE, 2x the packing
+    peft_lora_keys = True  # as ai-toolkit and diffusers' FLUX script save them: transformer.<module>.lora_A.weight
 
     def prompt_kwargs(self, pipe, prompts, negatives, max_tokens) -> dict:
         """FLUX.1-dev is guidance-distilled: negative prompts take no part (true CFG is off)."""
