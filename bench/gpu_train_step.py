@@ -1,12 +1,17 @@
-"""A LoRA training step on the full-size SDXL UNet on one GPU: seconds/step, samples/s, peak memory, MFU.
+"""A LoRA training step on the full-size SDXL UNet or FLUX.1-dev transformer on one GPU: seconds/step,
+samples/s, peak memory, MFU.
 
 How to run it on the GPU machine (torch, peft, transformers, accelerate there; no diffusers, no network):
     pip install --no-deps diffusers-*.whl       # the diffusers wheel carried over (same version as .venv here)
     python bench/gpu_train_step.py --json $OUT/gpu.json
+    python bench/gpu_train_step.py --family flux --json $OUT/gpu_flux.json
 Defaults: SDXL base UNet (random weights, built from its config below, nothing downloaded), 1024x1024
 (128x128 latents), batch 1 and 4, gradient checkpointing off and on, bf16 weights, LoRA rank 16 on
 to_k/to_q/to_v/to_out.0 (diffplat's default) in fp32, AdamW on the LoRA only; 3 warm-up + 10 timed steps
 a case. About 1-2 minutes on an H200; a guard (--max-seconds, default 420) skips what would not fit.
+--family flux: FLUX.1-dev's transformer (11.9B parameters, random weights from its config, guidance
+input), 1024x1024 = 4,096 packed image tokens + 512 T5 tokens, flow-matching loss, LoRA rank 16 on every
+linear of the transformer blocks (ai-toolkit's set, the In-Context LoRA recipe's); 24 GB of bf16 weights.
 The script imports only torch, diffusers and peft (nothing from diffplat), so it can be copied alone.
 
 On CPU, for testing (seconds): python bench/gpu_train_step.py --tiny --json /tmp/tiny.json
@@ -93,23 +98,48 @@ TINY_UNET = dict(
     projection_class_embeddings_input_dim=6 * 8 + 32,
 )
 
-CONFIGS = {"sdxl": (SDXL_UNET, 1024), "tiny": (TINY_UNET, 64)}
+# black-forest-labs/FLUX.1-dev, transformer/config.json
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
+FLUX_PARAMS = 11_901_408_320
+# The same at toy size (as diffplat.models.tiny's FLUX)
+TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                 axes_dims_rope=(4, 4, 8))  # fmt: skip
+T5_TOKENS = 512
+
+CONFIGS = {"sdxl": (SDXL_UNET, 1024), "tiny": (TINY_UNET, 64), "flux": (FLUX_TRANSFORMER, 1024),
+           "flux-tiny": (TINY_FLUX, 64)}  # fmt: skip
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# ai-toolkit's FLUX LoRA: every linear of the double and single blocks
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                     "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"]  # fmt: skip
+
+
+def is_flux(config: dict) -> bool:
+    return "num_single_layers" in config
+
+
+def lora_targets(config: dict) -> list[str]:
+    return FLUX_LORA_TARGETS if is_flux(config) else LORA_TARGETS
 SEQ_LEN = 77  # CLIP tokens
 GIB = 1024**3
 
 
 def build_unet(config: dict, device, dtype: torch.dtype, rank: int):
-    """UNet with random weights, base frozen in `dtype`, LoRA layers trainable in fp32 (as diffplat's add_lora)."""
-    from diffusers import UNet2DConditionModel
+    """The UNet (or FLUX transformer) with random weights, base frozen in `dtype`, LoRA layers trainable
+    in fp32 (as diffplat's add_lora)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from peft import LoraConfig
 
     with torch.device(device):  # initialise on the device itself: fast on a GPU, free on meta
-        unet = UNet2DConditionModel(**config)
+        unet = FluxTransformer2DModel(**config) if is_flux(config) else UNet2DConditionModel(**config)
         unet.to(dtype)
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))  # fmt: skip
+                                    target_modules=lora_targets(config)))  # fmt: skip
     lora = [p for p in unet.parameters() if p.requires_grad]
     for p in lora:
         p.data = p.data.float()
@@ -117,9 +147,21 @@ def build_unet(config: dict, device, dtype: torch.dtype, rank: int):
 
 
 def make_inputs(config: dict, batch: int, latent: int, device, dtype: torch.dtype, generator=None) -> dict:
-    """Random latents, noise, timesteps and SDXL conditioning of the right shapes."""
-    time_dim = 6 * config["addition_time_embed_dim"]
+    """Random latents, noise, timesteps and SDXL (or FLUX) conditioning of the right shapes."""
     kw = dict(device=device, generator=generator)
+    if is_flux(config):  # 16-channel latents, T5 states, CLIP pooled, position ids, guidance
+        ids = torch.zeros(latent // 2, latent // 2, 3, device=device)
+        ids[..., 1] += torch.arange(latent // 2, device=device)[:, None]
+        ids[..., 2] += torch.arange(latent // 2, device=device)[None, :]
+        return {
+            "latents": torch.randn(batch, config["in_channels"] // 4, latent, latent, dtype=dtype, **kw),
+            "encoder_hidden_states": torch.randn(batch, T5_TOKENS, config["joint_attention_dim"], dtype=dtype, **kw),
+            "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], dtype=dtype, **kw),
+            "txt_ids": torch.zeros(T5_TOKENS, 3, dtype=dtype, device=device),
+            "img_ids": ids.reshape(-1, 3).to(dtype),
+            "guidance": torch.full((batch,), 1.0, dtype=dtype, device=device),
+        }
+    time_dim = 6 * config["addition_time_embed_dim"]
     side = latent * 8
     return {
         "latents": torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype, **kw),
@@ -130,8 +172,28 @@ def make_inputs(config: dict, batch: int, latent: int, device, dtype: torch.dtyp
     }
 
 
+def flux_loss_fn(transformer, inputs: dict, generator=None) -> torch.Tensor:
+    """One flow-matching loss on packed latents: noisy = (1 - s) z + s noise, target noise - z."""
+    latents = inputs["latents"]
+    b, c, h, w = latents.shape
+    noise = torch.randn(latents.shape, dtype=latents.dtype, device=latents.device, generator=generator)
+    s = 1 - torch.sigmoid(torch.randn(b, device=latents.device, generator=generator))  # ai-toolkit's sigmoid
+    view = s.view(-1, 1, 1, 1).to(latents.dtype)
+
+    def pack(x):
+        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    pred = transformer(hidden_states=pack((1 - view) * latents + view * noise), timestep=s.to(latents.dtype),
+                       guidance=inputs["guidance"], pooled_projections=inputs["pooled_projections"],
+                       encoder_hidden_states=inputs["encoder_hidden_states"], txt_ids=inputs["txt_ids"],
+                       img_ids=inputs["img_ids"], return_dict=False)[0]  # fmt: skip
+    return torch.nn.functional.mse_loss(pred.float(), pack(noise - latents).float())
+
+
 def loss_fn(unet, inputs: dict, generator=None) -> torch.Tensor:
     """One epsilon-prediction loss: noise and timesteps drawn each step, as in training."""
+    if "pooled_projections" in inputs:
+        return flux_loss_fn(unet, inputs, generator)
     latents = inputs["latents"]
     noise = torch.randn(latents.shape, dtype=latents.dtype, device=latents.device, generator=generator)
     t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device, generator=generator)
@@ -247,7 +309,8 @@ def _pct(value) -> str:
 
 
 def print_table(result: dict) -> None:
-    print(f"\ngpu_train_step: {result['config']} UNet ({_si(result['unet_params'])} params; LoRA rank "
+    kind = "transformer" if result["config"].startswith("flux") else "UNet"
+    print(f"\ngpu_train_step: {result['config']} {kind} ({_si(result['unet_params'])} params; LoRA rank "
           f"{result['lora_rank']}: {_si(result['lora_params'])} trainable), {result['resolution']}x"
           f"{result['resolution']} ({result['latent']}x{result['latent']} latents), {result['dtype']} base, "
           f"{result['device_name']}, {result['warmup']} warm-up + {result['steps']} timed steps")  # fmt: skip
@@ -264,8 +327,10 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="sdxl")
-    parser.add_argument("--tiny", action="store_const", const="tiny", dest="config", help="same as --config tiny")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: the family's full size")
+    parser.add_argument("--family", choices=["sdxl", "flux"], default="sdxl",
+                        help="sdxl: SDXL's UNet; flux: FLUX.1-dev's transformer")  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help="the family's toy-size model (CPU, seconds)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (latents are 1/8); default 1024, tiny 64")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, help="timed steps a case; default 10, tiny 3")
@@ -287,11 +352,14 @@ def main() -> None:
     import diffusers
     import peft
 
+    if args.config is None:
+        args.config = {("sdxl", False): "sdxl", ("sdxl", True): "tiny", ("flux", False): "flux",
+                       ("flux", True): "flux-tiny"}[(args.family, args.tiny)]  # fmt: skip
     config, default_resolution = CONFIGS[args.config]
-    tiny = args.config == "tiny"
+    tiny = args.config in ("tiny", "flux-tiny")
     resolution = args.resolution or default_resolution
-    if resolution % 8:
-        parser.error("--resolution must be a multiple of 8")
+    if resolution % (16 if is_flux(config) else 8):
+        parser.error("--resolution must be a multiple of 8 (FLUX: 16, for the 2x2 packing)")
     latent = resolution // 8
     args.steps = args.steps if args.steps is not None else (3 if tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
@@ -305,7 +373,7 @@ def main() -> None:
         device_memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     else:
         if not (tiny or args.count_only or args.device):
-            parser.error("no GPU here: the full SDXL step on CPU would take hours; use --tiny, --count-only, "
+            parser.error("no GPU here: the full-size step on CPU would take hours; use --tiny, --count-only, "
                          "or --device cpu to insist")  # fmt: skip
         device_memory_gib = None
         device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -321,7 +389,7 @@ def main() -> None:
         "device_memory_gib": device_memory_gib,
         "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "latent": latent,
         "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops, "lora_rank": args.rank,
-        "lora_targets": LORA_TARGETS, "unet_params": first["params"] - first["lora_params"],
+        "lora_targets": lora_targets(config), "unet_params": first["params"] - first["lora_params"],
         "lora_params": first["lora_params"], "flops_convention": "train = 3 x forward; recompute not counted",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "cuda": torch.version.cuda},
@@ -329,6 +397,8 @@ def main() -> None:
     }  # fmt: skip
     if args.config == "sdxl":
         assert result["unet_params"] == SDXL_PARAMS, f"SDXL UNet config gives {result['unet_params']:,} parameters"
+    if args.config == "flux":
+        assert result["unet_params"] == FLUX_PARAMS, f"FLUX.1-dev config gives {result['unet_params']:,} parameters"
 
     def save() -> None:
         if args.json:
@@ -336,7 +406,8 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     if args.count_only:
-        print(f"{args.config} UNet: {result['unet_params']:,} parameters (+ {result['lora_params']:,} LoRA rank "
+        print(f"{args.config} {'transformer' if is_flux(config) else 'UNet'}: {result['unet_params']:,} parameters "
+              f"(+ {result['lora_params']:,} LoRA rank "
               f"{args.rank}); at {resolution}x{resolution}:")  # fmt: skip
         for b, f in flops.items():
             print(f"  batch {b}: forward {f['forward_flops'] / 1e12:.3f} TFLOP, 3 x forward "

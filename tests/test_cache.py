@@ -133,18 +133,21 @@ def _batch(kind: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind", ["lora", "controlnet", "ic_lora"])
-def test_a_cached_batch_gives_the_loss_of_encoding_on_the_fly(kind, tmp_path, tiny_sdxl):
+@pytest.mark.parametrize("kind, model", [("lora", "tiny_sdxl"), ("controlnet", "tiny_sdxl"), ("ic_lora", "tiny_sdxl"),
+                                         ("lora", "tiny_flux")])  # fmt: skip
+def test_a_cached_batch_gives_the_loss_of_encoding_on_the_fly(kind, model, tmp_path, request):
     """Same batch, same generator states: the step from the cache's rows is the step that
-    encodes the pixels and captions (dropped captions and window padding included)."""
+    encodes the pixels and captions (dropped captions and window padding included). On FLUX:
+    shifted and scaled latents, CLIP pooled and T5 states."""
+    base = request.getfixturevalue(model)
     batch = _batch(kind)
-    made = CacheConfig(data="unused", base_model=str(tiny_sdxl), resolution=(128, 64), max_token_length=150,
-                       conditioning=kind == "controlnet")  # fmt: skip
+    made = CacheConfig(data="unused", base_model=str(base), resolution=(128, 64), max_token_length=150,
+                       max_sequence_length=64, conditioning=kind == "controlnet")  # fmt: skip
     encoder = Encoder(made.model_dump(mode="json"))
     write_cache_meta(tmp_path, made, *encoder.describe(), rows=2)
     rows = rows_table(encoder(batch)).to_pydict()  # as Arrow hands the columns back
-    train = dict(kind=kind, base_model=str(tiny_sdxl), data="unused", max_train_steps=1, resolution=(128, 64),
-                 max_token_length=150, proportion_empty_prompts=0.3, ic_lora={"mode": "composite"},
+    train = dict(kind=kind, base_model=str(base), data="unused", max_train_steps=1, resolution=(128, 64),
+                 max_token_length=150, max_sequence_length=64, proportion_empty_prompts=0.3, ic_lora={"mode": "composite"},
                  validation={"prompts": ["a road"], "num_inference_steps": 1})  # fmt: skip
     torch.manual_seed(0)
     on_the_fly = OBJECTIVES[kind](TrainConfig(**train), torch.device("cpu"))

@@ -10,7 +10,7 @@ from diffplat.config import ConfigError, load_config, parse_config
 from diffplat.demo import demo_config_paths
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(REPO.glob("jobs/*.yaml")) + demo_config_paths()
+SHIPPED = sorted(REPO.glob("jobs/*.yaml")) + sorted(REPO.glob("jobs/*.yml")) + demo_config_paths()  # .yml: ai-toolkit's
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

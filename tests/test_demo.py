@@ -36,7 +36,8 @@ def test_demo_writes_every_stage(demo):
     assert report["images"] == 6
     prep = json.loads((out / "data" / "prepare_report.json").read_text())
     assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
-    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "evaluate", "lora", "ic_lora", "controlnet"):
+    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "evaluate", "lora", "ic_lora", "controlnet",
+                  "flux"):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
     # one screen: diffplat's lines and summary (about 72 lines in all in a quiet run, 10 of them the
@@ -49,7 +50,7 @@ def test_demo_writes_every_stage(demo):
     progress = re.compile(r"^\[diffplat\] [\w ]+: (step )?\d+/\d+ ")
     assert len([line for line in ours if not progress.match(line)]) <= 60, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
-    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 12  # lora 6, ic_lora 3, controlnet 3
+    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 15  # lora 6, ic_lora 3, controlnet 3, flux 3
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
     assert not [line for line in lines if any(n in line for n in noise)]
 
@@ -78,6 +79,30 @@ def test_demo_ic_lora_leg(demo):
     assert len(list((out / "ic_lora" / "comparisons").glob("*.png"))) == len(fills)
 
 
+def test_demo_flux_leg(demo):
+    """The paper's recipe at toy size on the tiny FLUX: a LoRA on whole three-frame composites,
+    then frame 2 of each filled, frames 0 and 1 kept pixel for pixel."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    out = demo[0]
+    composites = sorted((out / "data-flux" / "composites").glob("*.png"))
+    assert len(composites) >= 2 and composites[0].with_suffix(".txt").read_text().startswith("[MOVIE-SHOTS]")
+    adapter = out / "adapters" / "flux_ic_lora"
+    info = json.loads((adapter / "adapter_info.json").read_text())
+    assert (info["family"], info["kind"], info["ic_lora"]["mode"], info["prediction_type"]) == (
+        "flux", "ic_lora", "composite", "flow_matching")
+    with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())
+    fills = sorted((out / "flux" / "images").glob("*.png"))
+    assert [p.name for p in fills] == [p.name for p in composites]
+    for composite, fill in zip(composites, fills):
+        before, after = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (composite, fill))
+        assert before.shape == after.shape == (96, 64, 3)
+        assert np.array_equal(after[:64], before[:64])  # frames 0 and 1
+        assert np.abs(after[64:] - before[64:]).mean() > 1  # frame 2 painted anew
+
+
 def test_demo_records_one_run_per_stage(demo):
     import mlflow
 
@@ -86,7 +111,7 @@ def test_demo_records_one_run_per_stage(demo):
     experiment = client.get_experiment_by_name("diffplat-demo")
     runs = client.search_runs([experiment.experiment_id])
     jobs = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(jobs) == {"demo", "demo-ic-lora", "demo-controlnet"}
+    assert set(jobs) == {"demo", "demo-ic-lora", "demo-controlnet", "demo-flux"}
     parent = jobs["demo"].info.run_id
     by_name = {r.data.tags["diffplat.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {s: r.info.run_name for s, r in by_name.items()} == {s: f"demo/{s}" for s in

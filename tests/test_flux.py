@@ -153,3 +153,74 @@ def test_a_flux_in_context_lora_trains_on_two_workers_and_generates(tmp_path, ti
     assert result.outputs["train"]["step"] == 2
     records = [json.loads(line) for line in (tmp_path / "generations" / "metadata.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all((r["width"], r["height"]) == (32, 96) for r in records)
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_flux_fill"])
+def test_ic_lora_infer_fills_a_panel_of_three_on_flux(model, request, tmp_path):
+    """Source 1's command on a FLUX base: a Fill model fills (FluxFillPipeline), a plain one blends
+    latents under the mask (FluxInpaintPipeline); the panels not named stay pixel for pixel."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    base = request.getfixturevalue(model)
+    lora = _trained_lora(base, tmp_path / "lora")
+    rng = np.random.default_rng(0)
+    composite = Image.fromarray(rng.integers(0, 256, (96, 32, 3), dtype=np.uint8))  # three 32x32 frames, stacked
+    composite.save(tmp_path / "shots.png")
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "ic-lora-infer", "--lora_path", str(lora), "--input_image",
+                           "shots.png", "--prompt", "[MOVIE-SHOTS] a drive, [SCENE-1] a road [SCENE-2] a bus [SCENE-3] dusk",
+                           "--layout", "3x1", "--panels_to_inpaint", "2", "--num_inference_steps", "2", "--seed", "3",
+                           "--base_model", str(base)], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.asarray(Image.open(tmp_path / "inference_output" / "shots_output_0.png"), dtype=np.int16)
+    original = np.asarray(composite, dtype=np.int16)
+    assert np.array_equal(out[:64], original[:64])  # frames 0 and 1: pixel for pixel
+    assert np.abs(out[64:] - original[64:]).mean() > 5  # frame 2: painted anew
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_http_api_serves_flux(tiny_flux, tiny_flux_fill, tmp_path, local_ray):
+    """/v1/generate with a FLUX LoRA hot-loaded by name, and /v1/ic-lora on FLUX Fill, over HTTP."""
+    import base64
+    import io
+    import socket
+
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from diffplat.serving.app import compose, resolve_settings
+
+    _trained_lora(tiny_flux, tmp_path / "adapters" / "shots")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = {"base_model": str(tiny_flux), "inpaint_model": str(tiny_flux_fill), "adapters": str(tmp_path / "adapters"),
+            "detector": None, "auth": "none", "default_resolution": [32, 48]}  # fmt: skip
+    overrides = {name: {"num_replicas": 1} for name in ("Generator", "PanelFiller", "Api")}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(compose(resolve_settings(args, tmp_path), overrides), name="flux-test", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "[MOVIE-SHOTS] a drive", "num_inference_steps": 2, "seed": 5}
+        plain = requests.post(f"{url}/v1/generate", json=body, timeout=300)
+        shots = requests.post(f"{url}/v1/generate", json={**body, "adapter": "shots"}, timeout=300)
+        assert plain.status_code == shots.status_code == 200, (plain.text[-500:], shots.text[-500:])
+
+        def first(answer):
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]["png_base64"]))))
+
+        assert first(plain).shape == (48, 32, 3) and not np.array_equal(first(plain), first(shots))
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        fill = requests.post(f"{url}/v1/ic-lora", json={"prompt": "three frames", "image": base64.b64encode(buf.getvalue()).decode(),
+                                                        "layout": "3x1", "panels_to_inpaint": [2], "num_inference_steps": 2},
+                             timeout=300)  # fmt: skip
+        assert fill.status_code == 200, fill.text[-500:]
+        filled = first(fill)
+        assert np.array_equal(filled[:64], np.asarray(Image.open(buf))[:64])  # frames 0 and 1 kept
+    finally:
+        serve.shutdown()

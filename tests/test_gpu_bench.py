@@ -43,3 +43,18 @@ def test_full_config_is_the_sdxl_unet(tmp_path):
     assert 20e6 < result["lora_params"] < 25e6  # rank 16 on to_k/to_q/to_v/to_out.0
     assert 6e12 < result["flops"]["1"]["forward_flops"] < 8e12  # ~6.8 TFLOP a forward at 1024x1024
     assert "2,567,463,684" in proc.stdout
+
+
+def test_flux_family_tiny_run_and_full_config(tmp_path):
+    """--family flux: FLUX.1-dev's transformer from its config (11.9B parameters, counted on the meta
+    device), and the same step at toy size on CPU."""
+    out = tmp_path / "flux.json"
+    _run("--family", "flux", "--tiny", "--steps", "1", "--warmup", "1", "--batch-sizes", "1", "--device", "cpu",
+         "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["config"] == "flux-tiny" and "proj_mlp" in result["lora_targets"]
+    assert [c["status"] for c in result["cases"]] == ["ok", "ok"] and all(c["median_s"] > 0 for c in result["cases"])
+    _run("--family", "flux", "--count-only", "--batch-sizes", "1", "--json", str(out))
+    full = json.loads(out.read_text())
+    assert full["config"] == "flux" and full["unet_params"] == 11_901_408_320 and full["latent"] == 128
+    assert 50e12 < full["flops"]["1"]["forward_flops"] < 200e12  # 4,096 image + 512 text tokens through 57 blocks

@@ -49,7 +49,7 @@ def test_source_2_example():
     assert (train.num_train_epochs, train.max_train_steps) == (500, None)
     assert (train.learning_rate, train.train_batch_size) == (5e-5, 4)
     assert (train.lora.rank, train.lora.alpha) == (32, 32)  # diffusers: lora_alpha = rank
-    assert train.lora.target_modules == ["to_k", "to_q", "to_v", "to_out.0"]
+    assert train.lora.target_modules is None  # the family's default: on SDXL to_k, to_q, to_v, to_out.0, as diffusers
     assert (train.mixed_precision, train.gradient_checkpointing) == ("fp16", True)
     assert (train.checkpointing_steps, train.resume_from_checkpoint) == (500, "latest")
     # two images per prompt: each prompt twice, seeded apart

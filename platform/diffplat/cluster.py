@@ -47,6 +47,23 @@ def settle_on_one_machine() -> None:
         os.environ.setdefault(name, value)
 
 
+# How long a stage's replicas (pipelines, detectors) may take to start, a model download or a node
+# coming up under an autoscaler included, before the stage says the cluster cannot hold them.
+REPLICA_START_TIMEOUT_S = 1800
+
+
+def replica_pool(size: int):
+    """Ray Data's actor pool of `size` replicas that starts its work only once every replica is
+    up: each gets a share, instead of the first one loaded taking everything while the others
+    load (on a cluster: every node writes), and a cluster too small for them says so after
+    REPLICA_START_TIMEOUT_S instead of running on fewer."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = max(context.wait_for_min_actors_s, REPLICA_START_TIMEOUT_S)
+    return ray.data.ActorPoolStrategy(size=size)
+
+
 def cluster_gpus() -> int:
     """GPUs in the whole cluster (Ray must be up): what 'every GPU' means, not the driver's own,
     which is none on a CPU head."""

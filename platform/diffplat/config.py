@@ -188,7 +188,9 @@ class LoraSettings(_Strict):
     rank: int = Field(16, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    target_modules: list[str] | None = Field(None, description="None: the base family's default (SDXL: the "
+                                             "attention projections; FLUX.1: diffusers' train_dreambooth_lora_flux.py "
+                                             "set, attention and feed-forward)")  # fmt: skip
 
 
 class ScalingSettings(_Strict):
@@ -240,7 +242,19 @@ class ValidationSettings(_Strict):
     panels: list[int] | None = Field(None, description="ic_lora: panels to fill; None: the second half")
     num_inference_steps: int = Field(20, gt=0)
     guidance_scale: float = 5.0
-    seed: int = 0
+    seed: int = Field(0, description="image i is drawn with seed + i")
+    resolution: ModelResolution | None = Field(None, description="lora: the images' size; None: train.resolution")
+
+
+class AiToolkitLayout(_Strict):
+    """train.output in ai-toolkit's layout, for jobs read from an ai-toolkit file: `<name>.safetensors`
+    (the LoRA), `<name>_<step:09d>.safetensors` of the kept checkpoints, `config.yaml` (the job
+    file as read), `samples/<ms>__<step:09d>_<i>.jpg` (the validation images), and diffplat's
+    adapter_info.json."""
+
+    name: str = Field(description="the files' name (ai-toolkit's config.name)")
+    job_file: str | None = Field(None, description="written as config.yaml")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="of the saved LoRA weights")
 
 
 class ControlNetSettings(_Strict):
@@ -293,6 +307,8 @@ class TrainConfig(_Strict):
     ic_lora: IcLoraSettings = IcLoraSettings()
     controlnet: ControlNetSettings = ControlNetSettings()
     validation: ValidationSettings = ValidationSettings()
+    ai_toolkit_layout: AiToolkitLayout | None = Field(None, description="write train.output as ai-toolkit does "
+                                                      "(set by jobs read from ai-toolkit files)")  # fmt: skip
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1, description="share of captions replaced by the empty "
                                             "prompt (classifier-free guidance)")  # fmt: skip
     max_token_length: TokenLength = Field(75, description="caption tokens kept: 75 is one CLIP window (stock "
@@ -696,9 +712,18 @@ def read_yaml_mapping(path: str | Path, what: str = "job file") -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read a job YAML; `overrides` are `dotted.key=value` strings (value parsed as YAML)."""
+    """Read a job YAML (diffplat's, or ai-toolkit's `job: extension` files, translated by
+    aitoolkit.py); `overrides` are `dotted.key=value` strings (value parsed as YAML)."""
     path = Path(path)
     data = read_yaml_mapping(path)
+    from diffplat.aitoolkit import is_aitoolkit_job, to_job
+
+    if is_aitoolkit_job(data):
+        import logging
+
+        data, notes = to_job(data, path)
+        for note in notes:
+            logging.getLogger("diffplat").warning("%s", note)
     for item in overrides or []:
         apply_override(data, item, path)
     return parse_config(data, str(path))

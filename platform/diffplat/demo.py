@@ -1,8 +1,10 @@
 """`diffplat demo`: the whole pipeline on one machine, on inputs it makes itself.
 
-Three jobs on one local Ray, each a recipe shipped in the package: `demo.yaml` (BDD -> text-to-image
-LoRA -> generation -> YOLO filter -> does a detector trained with the kept images do better?), `demo_ic_lora.yaml` (BDD -> composites -> In-Context LoRA ->
-panel filling) and `demo_controlnet.yaml` (BDD masks -> ControlNet -> images from maps -> filter).
+Four jobs on one local Ray, each a recipe shipped in the package: `demo.yaml` (BDD -> text-to-image
+LoRA -> generation -> YOLO filter -> does a detector trained with the kept images do better?),
+`demo_ic_lora.yaml` (BDD -> composites -> In-Context LoRA -> panel filling), `demo_controlnet.yaml`
+(BDD masks -> ControlNet -> images from maps -> filter) and `demo_flux.yaml` (the In-Context LoRA
+paper's recipe on a tiny FLUX.1: three-frame composites -> LoRA -> a frame filled).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from diffplat.runner import JobResult, ray_session, run_job
 log = logging.getLogger("diffplat")
 
 # In this order: the ControlNet leg trains on the shards the LoRA leg's prepare wrote.
-DEMO_JOBS = {"lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml", "controlnet": "demo_controlnet.yaml"}
+DEMO_JOBS = {"lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml", "controlnet": "demo_controlnet.yaml",
+             "flux": "demo_flux.yaml"}  # fmt: skip
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:
@@ -44,10 +47,11 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     configs = {leg: load_config(demo_config_path(name), _overrides_for(demo_config_path(name), overrides or []))
                for leg, name in DEMO_JOBS.items()}  # fmt: skip
     start = time.perf_counter()
-    log.info("demo: a tiny SDXL, its inpainting variant and a synthetic BDD-like dataset in %s", out)
+    log.info("demo: a tiny SDXL, its inpainting variant, a tiny FLUX.1 and a synthetic BDD-like dataset in %s", out)
     write_tiny_model(out / "base-model", "sdxl")
     # Same seed, so the same text encoders and VAE: only the UNet has 9 input channels.
     write_tiny_model(out / "base-model-inpaint", "sdxl-inpaint")
+    write_tiny_model(out / "base-model-flux", "flux")
     write_synthetic_bdd(out / "bdd", num_images=24)
     write_synthetic_bdd(out / "bdd-val", num_images=8, seed=1)  # held out: the evaluate stage's real validation
     setup = time.perf_counter() - start
@@ -71,6 +75,7 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
                                                                     "evaluate"))  # fmt: skip
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
+    fx_prep, fx_train, fx_gen = (results["flux"].outputs.get(k, {}) for k in ("prepare", "train", "generate"))
     loss = lambda t: f"final loss {t.get('final_loss', float('nan')):.4f}"  # noqa: E731
     lines += [
         f"  in {out}:",
@@ -85,6 +90,8 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
         f"    data-ic/composites/ {ic_prep.get('rows_written')} of layout {ic_prep.get('layout')}, ic_lora/ "
         f"{ic_gen.get('images')} filled (comparisons/)",
         f"    controlnet/ {cn_gen.get('images')} images from maps (comparisons/), kept {cn_filt.get('kept')}",
+        f"    FLUX.1: data-flux/composites/ {fx_prep.get('rows_written')} of layout 3x1, adapters/flux_ic_lora "
+        f"({loss(fx_train)}), flux/ {fx_gen.get('images')} with frame 2 filled (comparisons/)",
         f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}  (http://127.0.0.1:5000)",
         "  fill panels of a composite yourself (source 1's flags):",
         f"    .venv/bin/diffplat ic-lora-infer --lora_path {out / 'adapters/ic_lora'} --input_image "

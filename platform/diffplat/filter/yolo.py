@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from diffplat.cluster import record_bytes
+from diffplat.cluster import record_bytes, replica_pool
 from diffplat.config import FilterConfig
 from diffplat.console import Ticker
 from diffplat.filter.rules import Detection, counted, decide, lowest_threshold
@@ -183,12 +183,13 @@ def run_filter(config: FilterConfig, folder: Path, model_path: str) -> dict:
         for sub in ("images/train", "labels/train"):
             (dataset_dir / sub).mkdir(parents=True)
         out = {"labels": str(labels_dir), "annotated": str(annotated_dir), "dataset": str(dataset_dir)}
+        pool = replica_pool(config.replicas)  # before the dataset exists: it keeps the Ray Data settings of its making
         ds = ray.data.from_items([{"path": str(p)} for p in first_of.values()]).map_batches(
             Detector,
             fn_constructor_args=(model_path, config.model_dump(mode="json"), out),
             batch_size=config.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.replicas),
+            compute=pool,
             num_gpus=config.gpus_per_replica,
             num_cpus=config.cpus_per_replica,
         )

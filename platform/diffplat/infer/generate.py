@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from diffplat.cluster import replica_pool
 from diffplat.config import GenerateConfig
 from diffplat.console import Ticker
 from diffplat.infer.output import add_input_rows
@@ -278,12 +279,13 @@ def run_generation(config: GenerateConfig, output: Path) -> dict:
     start = time.perf_counter()
     written = made_bytes = 0
     adapters = [{"path": a.path, "scale": a.scale} for a in config.loras]
+    pool = replica_pool(config.replicas)  # before the dataset exists: it keeps the Ray Data settings of its making
     rows = ray.data.from_items(todo).map_batches(
         Generator,
         fn_constructor_args=(config.model_dump(mode="json"), str(output)),
         batch_size=config.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.replicas),
+        compute=pool,
         num_gpus=config.gpus_per_replica,
         num_cpus=config.cpus_per_replica,
     ).iter_rows() if todo else []

@@ -40,6 +40,8 @@ def lora_location(path: str) -> tuple[str, str | None]:
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
             return str(p), found[0].name
+        if (p / f"{p.name}.safetensors").is_file():  # ai-toolkit's output: <name>/<name>.safetensors + step saves
+            return str(p), f"{p.name}.safetensors"
         raise LoraFileError(f"{path}: no {WEIGHTS_NAME} (nor one other .safetensors file) in this folder")
     if not p.is_dir() and (p.is_absolute() or path.startswith(".") or path.count("/") != 1):
         raise LoraFileError(f"{path}: no such LoRA file or folder")
@@ -53,6 +55,10 @@ def adapter_info(path: str) -> dict:
     return json.loads(info.read_text()) if info.is_file() else {}
 
 
+# diffusers' SDXL scripts: the UNet's attention projections
+SDXL_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
 def peft_config(settings: LoraSettings):
     from peft import LoraConfig
 
@@ -61,7 +67,7 @@ def peft_config(settings: LoraSettings):
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         init_lora_weights="gaussian",
-        target_modules=list(settings.target_modules),
+        target_modules=list(settings.target_modules or SDXL_TARGETS),
     )
 
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffplat.aitoolkit import SAMPLES_DIR
 from diffplat.train.checkpoint import (ADAPTER_DIR, EMA_FILE, STATE_DIR, STATE_TAG, check_trained, own_checkpoints,
                                        read_state, restore_rng, save_rng, trained_shapes, write_state)  # fmt: skip
 from diffplat.train.deepspeed_config import select_accelerator
@@ -244,10 +245,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.module.eval()
         dtype = next(engine.module.parameters()).dtype
         with averaged(), torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            picture = objective.validation_grid(engine.module)
+            images = objective.validation_images(engine.module)
         engine.module.train()
-        if picture is not None:
-            logger.log_image(picture, f"validation/step_{step:06d}.png")
+        if images:
+            logger.log_image(objective.grid(images), f"validation/step_{step:06d}.png")
+            if config.ai_toolkit_layout:  # each image as ai-toolkit names its samples; the driver copies them out
+                stamp = int(time.time() * 1000)
+                for i, image in enumerate(images):
+                    logger.log_image(image, f"{SAMPLES_DIR}/{stamp}__{step:09d}_{i}.jpg")
             if time.perf_counter() - start >= 10:  # worth a line only when it held the run up
                 log.info("train: validation images at step %d (%.1f s)", step, time.perf_counter() - start)
 

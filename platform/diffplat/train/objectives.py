@@ -172,8 +172,17 @@ class DiffusionObjective:
             self._validation_rows = [row for _, row in zip(range(self.config.validation.num_images), rows)]
         return self._validation_rows
 
-    def validation_grid(self, module):
+    def validation_images(self, module) -> list:
+        """Images made with the adapter as it is now (empty: nothing to draw)."""
         raise NotImplementedError
+
+    def grid(self, images: list):
+        """The validation images as one picture."""
+        raise NotImplementedError
+
+    def validation_grid(self, module):
+        images = self.validation_images(module)
+        return self.grid(images) if images else None
 
     def made_how(self) -> dict:
         raise NotImplementedError
@@ -215,6 +224,10 @@ class LoraObjective(DiffusionObjective):
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
         denoiser = self.parts.denoiser
+        if not config.lora.target_modules:
+            config = config.model_copy(update={"lora": config.lora.model_copy(
+                update={"target_modules": list(self.family.lora_targets)})})  # fmt: skip
+            self.config = config
         self.lora_config = add_lora(denoiser, config.lora, self.family.denoiser_title)
         if config.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -234,20 +247,21 @@ class LoraObjective(DiffusionObjective):
     def module(self) -> torch.nn.Module:
         return self._module
 
-    def validation_grid(self, module):
-        """One picture of the adapter as it is now: the validation prompts, fixed seeds (None
-        without prompts)."""
-        from diffplat.pictures import grid
-
+    def validation_images(self, module) -> list:
+        """The validation prompts, fixed seeds (none without prompts)."""
         v = self.config.validation
         if not v.prompts:
-            return None
+            return []
         pipe = self._pipeline("text", **{self.family.denoiser: denoiser_of(module)})
-        width, height = self.config.resolution
-        images = [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
-                       guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
-                  for i, prompt in enumerate(v.prompts)]  # fmt: skip
-        return grid(images, columns=4, thumb_width=max(256, width))
+        width, height = v.resolution or self.config.resolution
+        return [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
+                     guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
+                for i, prompt in enumerate(v.prompts)]  # fmt: skip
+
+    def grid(self, images: list):
+        from diffplat.pictures import grid
+
+        return grid(images, columns=4, thumb_width=max(256, images[0].width))
 
     def made_how(self) -> dict:
         """What adapter_info.json records besides the step and the metrics."""
@@ -317,13 +331,12 @@ class IcLoraObjective(LoraObjective):
         masked_image = self.encode_images(pixels * (1 - pixel_mask.to(pixels.dtype)), generator)
         return self.family.inpaint_input(noisy, latent_mask, pixel_mask, masked_image), weights
 
-    def validation_grid(self, module):
+    def validation_images(self, module) -> list:
         """The first training composites with panels filled by the adapter as it is now:
-        input | mask | output, one strip each, stacked."""
+        input | mask | output, one strip each."""
         from PIL import Image
 
         from diffplat.infer.panels import FillOptions, fill_panels
-        from diffplat.pictures import grid
 
         v = self.config.validation
         pipe = self._pipeline("inpaint", **{self.family.denoiser: denoiser_of(module)})
@@ -336,7 +349,12 @@ class IcLoraObjective(LoraObjective):
             options = FillOptions(panels=tuple(panels), layout=str(layout), num_inference_steps=v.num_inference_steps,
                                   guidance_scale=v.guidance_scale, max_token_length=self.family.prompt_length(self.config))  # fmt: skip
             strips.append(fill_panels(pipe, composite, row["caption"], [v.seed + i], options, where=row["id"])[0].comparison)
-        return grid(strips, columns=1, thumb_width=max(768, strips[0].width)) if strips else None
+        return strips
+
+    def grid(self, images: list):
+        from diffplat.pictures import grid
+
+        return grid(images, columns=1, thumb_width=max(768, images[0].width))
 
     def made_how(self) -> dict:
         return {**super().made_how(), "ic_lora": self.settings.model_dump(), "inpainting_unet": self.inpainting}
@@ -376,12 +394,11 @@ class ControlNetObjective(DiffusionObjective):
         cond = torch.as_tensor(batch["conditioning_pixel_values"]).to(self.device)
         return self.family.controlnet_predict(model, self.parts.denoiser, model_input, t, prompts, extra, cond)
 
-    def validation_grid(self, module):
-        """Images from the first training maps and their captions: map | image, one row each."""
+    def validation_images(self, module) -> list:
+        """Images from the first training maps and their captions: map | image, one strip each."""
         from PIL import Image
 
         from diffplat.data.composites import side_by_side
-        from diffplat.pictures import grid
 
         v = self.config.validation
         rows = self.validation_rows(["id", "caption", "conditioning"], where=lambda r: r["conditioning"] is not None)
@@ -394,7 +411,12 @@ class ControlNetObjective(DiffusionObjective):
             image = pipe(row["caption"], image=cond, width=width, height=height, num_inference_steps=v.num_inference_steps,
                          guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]  # fmt: skip
             strips.append(side_by_side([cond, image]))
-        return grid(strips, columns=2, thumb_width=max(512, strips[0].width)) if strips else None
+        return strips
+
+    def grid(self, images: list):
+        from diffplat.pictures import grid
+
+        return grid(images, columns=2, thumb_width=max(512, images[0].width))
 
     def made_how(self) -> dict:
         return {"kind": "controlnet", "family": self.family.name, "init": self.config.controlnet.init or "base UNet",

@@ -48,6 +48,13 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
         return config
     field, source = ("train.cache", config.cache) if config.cache else ("train.data", config.data)
     rows, layouts = _shard_summary(source, conditioning=config.kind == "controlnet")
+    if config.kind == "controlnet":
+        from diffplat.models.families import family_of
+
+        family = family_of(config.base_model)
+        if not family.controlnets:
+            raise ConfigError(f"train.kind controlnet: ControlNets are trained on SDXL base models; {config.base_model} "
+                              f"is {family.name}")  # fmt: skip
     if config.kind == "controlnet" and rows == 0:
         raise ConfigError(f"{field}: {source} has no row with a conditioning image; controlnet trains on "
                           "image + map pairs (BDD images with masks, or source: pairs)")  # fmt: skip
@@ -209,5 +216,34 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     with replace_dir(output, "adapter", ADAPTER_SIGNS) as tmp:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+        if config.ai_toolkit_layout:
+            _ai_toolkit_layout(tmp, config, result, tracking_uri, run_id)
     log.info("train: adapter written to %s", output)
     return dict(result.metrics or {})
+
+
+def _ai_toolkit_layout(folder: Path, config: TrainConfig, result, tracking_uri: str | None, run_id: str | None) -> None:
+    """The adapter folder as ai-toolkit lays out its output: the kept checkpoints' LoRAs from
+    Ray Train's checkpoints, the samples from the run's MLflow artifacts."""
+    import contextlib
+    import tempfile
+
+    from diffplat.aitoolkit import SAMPLES_DIR, write_layout
+    from diffplat.models.lora import WEIGHTS_NAME
+
+    with contextlib.ExitStack() as stack:
+        kept = []
+        for checkpoint, metrics in result.best_checkpoints or []:
+            folder_of = Path(stack.enter_context(checkpoint.as_directory()))
+            if "step" in metrics and (folder_of / ADAPTER_DIR / WEIGHTS_NAME).is_file():
+                kept.append((folder_of / ADAPTER_DIR / WEIGHTS_NAME, int(metrics["step"])))
+        samples = None
+        if tracking_uri and run_id:
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+            if client.list_artifacts(run_id, SAMPLES_DIR):
+                tmp = stack.enter_context(tempfile.TemporaryDirectory())
+                samples = Path(client.download_artifacts(run_id, SAMPLES_DIR, tmp))
+        step = int((result.metrics or {}).get("step", 0))
+        write_layout(folder, config.ai_toolkit_layout, folder / WEIGHTS_NAME, step, kept, samples)

@@ -50,7 +50,9 @@ class Family:
     denoiser: str  # the pipeline component that is trained: "unet", "transformer"
     denoiser_title: str  # as messages name it: "UNet", "transformer"
     inpainting_example: str  # an inpainting model of the family, for messages
+    lora_targets: tuple[str, ...]  # LoRA target modules when the job names none
     inpaint_extras: dict = {}  # keywords the inpainting pipeline needs beside the components
+    controlnets: bool = False  # ControlNets train on this family (new_controlnet, controlnet_predict)
     text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizer_names: tuple[str, ...] = ("tokenizer", "tokenizer_2")
 
@@ -121,8 +123,17 @@ class Family:
         return {}
 
     def predict(self, model, latents: torch.Tensor, t: torch.Tensor, prompts: Prompts, extra: dict) -> torch.Tensor:
-        """The denoiser's output for `latents` at `t`, shaped like `latents`' first 4 channels.
-        `model` is the trained module (under DeepSpeed), called in its own dtype."""
+        """The denoiser's output for `latents` at `t`, shaped like the noisy latents (an inpainting
+        input's extra channels are not predicted). `model` is the trained module (under
+        DeepSpeed), called in its own dtype."""
+        raise NotImplementedError
+
+    def new_controlnet(self, denoiser, init: str | None, dtype=None):
+        """A ControlNet to train: a saved one from `init`, or one made from the denoiser."""
+        raise ValueError(f"train.kind controlnet: ControlNets are trained on SDXL base models, not {self.name}")
+
+    def controlnet_predict(self, controlnet, denoiser, latents, t, prompts: Prompts, extra: dict, cond_pixels):
+        """The frozen denoiser's prediction with the trained ControlNet's residuals added."""
         raise NotImplementedError
 
     def inpaint_input(self, noisy, latent_mask, pixel_mask, masked_latents) -> torch.Tensor:

@@ -55,6 +55,10 @@ class Flux(Family):
     denoiser = "transformer"
     denoiser_title = "transformer"
     inpainting_example = "e.g. black-forest-labs/FLUX.1-Fill-dev, 384 input channels"
+    # diffusers' train_dreambooth_lora_flux.py: attention (both streams) and feed-forward
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2")  # fmt: skip
 
     def load(self, base_model, vae=None, variant=None, encoders=True) -> Parts:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -149,7 +153,3 @@ class Flux(Family):
         if task == "inpaint":  # a Fill model fills; any other FLUX blends latents under the mask
             return diffusers.FluxFillPipeline if inpainting else diffusers.FluxInpaintPipeline
         return getattr(diffusers, {"text": "FluxPipeline", "controlnet": "FluxControlNetPipeline"}[task])
-
-    def new_controlnet(self, denoiser, init, dtype=None):
-        raise ValueError("train.kind controlnet: ControlNets are trained on SDXL base models; FLUX ControlNets are "
-                         "not trained by diffplat yet")  # fmt: skip

@@ -29,6 +29,8 @@ class SDXL(Family):
     denoiser = "unet"
     denoiser_title = "UNet"
     inpainting_example = "e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1, 9 input channels"
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' SDXL scripts: attention
+    controlnets = True
     inpaint_extras = {"requires_aesthetics_score": False}  # SDXL base's inpainting: no aesthetic score ids
 
     def load(self, base_model, vae=None, variant=None, encoders=True) -> Parts:

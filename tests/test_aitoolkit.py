@@ -1,0 +1,135 @@
+"""ai-toolkit's job files run as diffplat jobs: the In-Context LoRA paper's `movie-shots.yml`,
+as published (tests/data/movie-shots.yml), with only paths and sizes changed, trains a FLUX
+LoRA on the tiny FLUX into ai-toolkit's output layout, and running it again goes on from there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffplat.aitoolkit import to_job
+from diffplat.config import ConfigError, load_config
+
+PAPER_FILE = Path(__file__).parent / "data" / "movie-shots.yml"
+
+
+def test_the_papers_file_maps_key_for_key(tmp_path, caplog):
+    data = yaml.safe_load(PAPER_FILE.read_text())
+    assert data["config"]["process"][0]["train"]["lr"] == "1e-4"  # YAML 1.1 reads it as a string
+    job, notes = to_job(data, PAPER_FILE, cwd=tmp_path)
+    train = job["train"]
+    assert train["learning_rate"] == 1e-4 and train["max_train_steps"] == 5000 and train["train_batch_size"] == 4
+    assert (train["lora"]["rank"], train["lora"]["alpha"]) == (16, 16.0)
+    assert (train["checkpointing_steps"], train["checkpoints_total_limit"]) == (250, 4)
+    assert train["use_ema"] and train["ema_decay"] == 0.99 and train["mixed_precision"] == "bf16"
+    assert train["gradient_checkpointing"] and train["proportion_empty_prompts"] == 0.05
+    assert train["base_model"] == "black-forest-labs/FLUX.1-dev" and train["resume_from_checkpoint"] == "latest"
+    assert train["output"] == str(tmp_path / "output" / "movie-shots")
+    assert job["prepare"]["folder"]["images"] == str(tmp_path / "data" / "movie-shots")
+    v = train["validation"]
+    assert (v["every_n_steps"], v["num_inference_steps"], v["guidance_scale"], v["seed"]) == (250, 20, 3.5, 42)
+    assert v["resolution"] == [1024, 1536] and len(v["prompts"]) == 2 and v["prompts"][0].startswith("[MOVIE-SHOTS]")
+    assert train["flow"] == {"guidance_scale": 1.0, "timestep_sampling": "sigmoid"}  # ai-toolkit's cfg_scale default
+    assert train["ai_toolkit_layout"] == {"name": "movie-shots", "job_file": str(PAPER_FILE.resolve()), "dtype": "float16"}
+    said = "\n".join(notes)
+    for what in ("model.quantize", "adamw8bit", "resolution [512, 768, 1024, 1280, 1536]", "cache_latents_to_disk"):
+        assert what in said, what
+    if not torch.cuda.is_available():
+        assert "device cuda:0: no GPU here" in said and train["scaling"]["use_gpu"] is False
+    assert all("\n" not in n for n in notes)  # one line each
+
+
+def test_placeholders_unknown_keys_and_refusals(tmp_path, monkeypatch):
+    data = yaml.safe_load(PAPER_FILE.read_text())
+    process = data["config"]["process"][0]
+    process["training_folder"] = "${RUNS}/[name]"
+    process["flux_magic"] = True
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    job, notes = to_job(data, PAPER_FILE, cwd=tmp_path)
+    assert job["train"]["output"] == str(tmp_path / "runs" / "movie-shots" / "movie-shots")
+    assert any("config.process[0].flux_magic: not an ai-toolkit key diffplat knows" in n for n in notes)
+    monkeypatch.delenv("RUNS")
+    with pytest.raises(ConfigError, match=r"\$\{RUNS\} is not set"):
+        to_job(data, PAPER_FILE, cwd=tmp_path)
+    process["training_folder"] = "output"
+    process["network"]["type"] = "lokr"
+    with pytest.raises(ConfigError, match="network.type is 'lokr'; diffplat trains LoRAs"):
+        to_job(data, PAPER_FILE, cwd=tmp_path)
+
+
+def _movie_shots(folder: Path, bdd_dir: Path, count: int = 4) -> None:
+    """The paper's data at toy size: three frames stacked top to bottom, a multi-scene caption each."""
+    frames = sorted((bdd_dir / "images").glob("*.jpg"))
+    folder.mkdir(parents=True)
+    for n in range(count):
+        stack = Image.new("RGB", (32, 48))
+        for i in range(3):
+            with Image.open(frames[(3 * n + i) % len(frames)]) as img:
+                stack.paste(img.convert("RGB").resize((32, 16)), (0, 16 * i))
+        stack.save(folder / f"{n + 1:04d}.jpg")
+        (folder / f"{n + 1:04d}.txt").write_text(f"[MOVIE-SHOTS] a drive, [SCENE-1] <Ann> at a crossing {n}, "
+                                                 "[SCENE-2] a bus passes, [SCENE-3] the road at dusk\n")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_papers_file_trains_a_flux_lora_into_ai_toolkits_layout(tmp_path, tiny_flux, bdd_dir):
+    text = PAPER_FILE.read_text()
+    for old, new in [('"black-forest-labs/FLUX.1-dev"', f'"{tiny_flux}"'),  # paths
+                     ("[ 512, 768, 1024, 1280, 1536 ]", "[ 64 ]"), ("batch_size: 4", "batch_size: 1"),  # sizes
+                     ("steps: 5000", "steps: 4"), ("save_every: 250", "save_every: 2"),
+                     ("sample_every: 250", "sample_every: 2"), ("width: 1024", "width: 32"),
+                     ("height: 1536", "height: 48"), ("sample_steps: 20", "sample_steps: 2")]:
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp_path / "movie-shots.yml").write_text(text)
+    _movie_shots(tmp_path / "data" / "movie-shots", bdd_dir)
+    command = [sys.executable, "-m", "diffplat", "run", "movie-shots.yml"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=800, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "model.quantize: 8-bit quantization" in first.stderr
+    out = tmp_path / "output" / "movie-shots"
+    names = sorted(p.name for p in out.iterdir())
+    assert {"movie-shots.safetensors", "movie-shots_000000002.safetensors", "config.yaml", "samples",
+            "adapter_info.json"} <= set(names), names  # fmt: skip
+    assert yaml.safe_load((out / "config.yaml").read_text())["meta"]["name"] == "movie-shots"  # [name] replaced
+    samples = sorted((out / "samples").glob("*.jpg"))
+    assert {p.name.split("__")[1] for p in samples} == {"000000002_0.jpg", "000000002_1.jpg", "000000004_0.jpg",
+                                                         "000000004_1.jpg"}  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(out / "movie-shots.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["training_info"])["step"] == 4
+        assert all(k.startswith("transformer.") for k in f.keys())
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # save.dtype
+
+    # stock diffusers loads it; it changes the image, and at scale 0 the image is the base's exactly
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return np.asarray(pipe("[MOVIE-SHOTS] a drive", height=48, width=32, num_inference_steps=2,
+                               max_sequence_length=64, generator=torch.Generator().manual_seed(0)).images[0])  # fmt: skip
+
+    base = image()
+    pipe.load_lora_weights(str(out), weight_name="movie-shots.safetensors", adapter_name="shots")
+    assert not np.array_equal(image(), base)
+    pipe.set_adapters(["shots"], adapter_weights=[0.0])
+    assert np.array_equal(image(), base)
+
+    # the same command again goes on from the newest checkpoint (at the last step: nothing to train)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=800, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed at step 4" in again.stderr, again.stderr[-3000:]
+    config = load_config(tmp_path / "movie-shots.yml")
+    assert config.train.ai_toolkit_layout.name == "movie-shots"
