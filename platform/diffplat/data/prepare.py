@@ -41,14 +41,14 @@ def _finish(out: Path, report: dict, skipped: list[str], found: int, where: Path
     """Write the report (also when nothing was usable, so that it says why), then judge."""
     report["skipped_items"] = skipped[:1000]
     write_json_atomic(out / "prepare_report.json", report)
-    for message in skipped[:1]:
-        log.warning("prepare: skipped %s", message)
-    if len(skipped) > 1:
-        log.warning("prepare: ... and %d more skipped, each named in %s", len(skipped) - 1, out / "prepare_report.json")
     if report["rows_written"] == 0:
+        for message in skipped[:1]:
+            log.warning("prepare: skipped %s", message)
         raise NothingUsable(f"prepare: no usable rows out of {found} items in {where}; see {out}/prepare_report.json")
-    log.info("prepare: %d rows in %d shards, %d skipped", report["rows_written"], len(report["shards"]),
-             sum(report["skipped"].values()))  # fmt: skip
+    # one line: the count, the first item skipped and why; each of them is named in the report
+    more = f" and {len(skipped) - 1} more, each named in {out / 'prepare_report.json'}" if len(skipped) > 1 else ""
+    log.info("prepare: %d rows in %d shards, %d skipped%s", report["rows_written"], len(report["shards"]),
+             sum(report["skipped"].values()), f" ({skipped[0]}{more})" if skipped else "")  # fmt: skip
     return report
 
 

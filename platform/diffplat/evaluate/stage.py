@@ -190,7 +190,7 @@ def run_evaluate(config: EvaluateConfig, resolve: Callable[[str], Path]) -> dict
         if pending and ticker.due():
             running = ", ".join(f"{n} seed {s} {epochs_done(f)}/{config.detector.epochs}"
                                 for n, s, f, _ in pending.values())  # fmt: skip
-            log.info("evaluate: %d of %d trained; epochs: %s", len(results), len(jobs), running)
+            log.info("evaluate: %d/%d trained; epochs: %s", len(results), len(jobs), running)
 
     report = build_report(
         [{"name": n, "train_images": train_images[n], "runs": [results[(n, s)] for s in config.seeds if (n, s) in results]}

@@ -65,8 +65,8 @@ def match_prediction_type(pipe, adapter: str) -> None:
     with the one it learnt, as recorded in its adapter_info.json."""
     from diffplat.models.lora import adapter_info
 
-    learnt = adapter_info(adapter).get("prediction_type")
-    if learnt and learnt != pipe.scheduler.config.get("prediction_type"):
+    learnt, base = adapter_info(adapter).get("prediction_type"), pipe.scheduler.config.get("prediction_type")
+    if learnt and base and learnt != base:  # (a flow-matching sampler, FLUX's, has no prediction_type to switch)
         pipe.scheduler.register_to_config(prediction_type=learnt)
 
 

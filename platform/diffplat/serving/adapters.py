@@ -2,8 +2,10 @@
 number loaded on its one base pipeline (least recently used evicted), so many adapters share one
 base model without a redeploy.
 
-Names are the sub-folders of the registry folder (each holding `pytorch_lora_weights.safetensors`),
-or `runs:/<run id>/<artifact path>` for an adapter logged to MLflow (fetched once per replica).
+Names are the sub-folders of the registry folder (each holding `pytorch_lora_weights.safetensors`,
+or ai-toolkit's `<folder name>.safetensors`) whose adapter_info.json names the base model's family
+(or no family: made elsewhere), or `runs:/<run id>/<artifact path>` for an adapter logged to
+MLflow (fetched once per replica).
 """
 
 from __future__ import annotations
@@ -27,21 +29,31 @@ class UnknownAdapter(ValueError):
     pass
 
 
-def registry_names(registry: str | None) -> list[str]:
+def weights_file(folder: Path) -> str | None:
+    """The LoRA file of a registry folder: diffplat's, or ai-toolkit's <name>.safetensors."""
+    for name in (WEIGHTS_NAME, f"{folder.name}.safetensors"):
+        if (folder / name).is_file():
+            return name
+    return None
+
+
+def registry_names(registry: str | None, family: str | None = None) -> list[str]:
+    """The adapters a request may name: with `family`, those trained on it (or of no recorded family)."""
     if not registry or not Path(registry).is_dir():
         return []
-    return sorted(p.name for p in Path(registry).iterdir() if (p / WEIGHTS_NAME).is_file())
+    return sorted(p.name for p in Path(registry).iterdir()
+                  if weights_file(p) and adapter_info(str(p)).get("family", family) == family)  # fmt: skip
 
 
-def check_name(name: str, registry: str | None) -> None:
+def check_name(name: str, registry: str | None, family: str | None = None) -> None:
     """Refuse a name that is not in the registry (or not an MLflow run URI), before any work.
     Names never become paths unchecked: no separators, no `..`."""
     if _RUN.match(name) and ".." not in name:
         return
     if not _NAME.match(name) or ".." in name:
         raise UnknownAdapter(f"adapter {name!r} is not a registry name (letters, digits, . _ -) or runs:/<id>/<path>")
-    if name not in registry_names(registry):
-        known = ", ".join(registry_names(registry)) or "none"
+    if name not in registry_names(registry, family):
+        known = ", ".join(registry_names(registry, family)) or "none"
         raise UnknownAdapter(f"no adapter {name!r} in the registry (known: {known})")
 
 
@@ -49,7 +61,10 @@ class AdapterCache:
     """LoRA adapters loaded into one pipeline, at most `capacity` at once."""
 
     def __init__(self, pipe, registry: str | None, capacity: int, tracking_uri: str | None = None):
+        from diffplat.models.families import family_of_pipeline
+
         self.pipe, self.registry, self.capacity, self.tracking_uri = pipe, registry, capacity, tracking_uri
+        self.family = family_of_pipeline(pipe).name
         self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
         self.learnt: dict[str, str | None] = {}  # request name -> the prediction_type it was trained with
         self.loads = self.evictions = self._attempts = 0
@@ -73,7 +88,7 @@ class AdapterCache:
             if not found:
                 raise UnknownAdapter(f"adapter {name!r}: no {WEIGHTS_NAME} in that MLflow artifact")
             return found[0].parent
-        check_name(name, self.registry)
+        check_name(name, self.registry, self.family)
         return Path(self.registry) / name
 
     def ensure(self, name: str) -> str:
@@ -92,7 +107,7 @@ class AdapterCache:
         self._attempts += 1
         internal = f"a{self._attempts}"  # a fresh name even after a failed load
         try:
-            self.pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME, adapter_name=internal)
+            self.pipe.load_lora_weights(str(folder), weight_name=weights_file(folder), adapter_name=internal)
         except Exception as err:  # shapes or keys that do not fit this base model, a corrupt file
             try:
                 self.pipe.delete_adapters(internal)  # whatever part of it was loaded

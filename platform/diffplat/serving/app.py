@@ -129,8 +129,11 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
     @serve.ingress(api)
     class Api:
         def __init__(self, settings: dict, generator=None, filler=None, maps=None, detector=None):
+            from diffplat.models.families import family_of
+
             self.settings = ServeConfig.model_validate(settings)
             self.generator, self.filler, self.maps, self.detector = generator, filler, maps, detector
+            self.family = family_of(self.settings.base_model).name  # the adapters a request may name fit it
             self.checked_adapters: set[str] = set()  # URIs a replica fetched and loaded once already
 
         # --- the contract -------------------------------------------------------------------
@@ -157,7 +160,7 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
                 from diffplat.serving.adapters import UnknownAdapter, check_name
 
                 try:
-                    check_name(body.adapter, self.settings.adapters)
+                    check_name(body.adapter, self.settings.adapters, self.family)
                 except UnknownAdapter as err:
                     raise reject("adapter", str(err)) from None
             seed = body.seed if body.seed is not None else random.randrange(2**31)
@@ -245,7 +248,7 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
             """The routes this server has and the adapters a request may name."""
             from diffplat.serving.adapters import registry_names
 
-            return {"routes": sorted(routes), "adapters": registry_names(self.settings.adapters),
+            return {"routes": sorted(routes), "adapters": registry_names(self.settings.adapters, self.family),
                     "limits": self.settings.limits.model_dump()}  # fmt: skip
 
         @api.get("/v1/stats", responses=answers(401, 413, 503))

@@ -68,9 +68,12 @@ class _Replica:
 
         if not hasattr(self, "_schedulers"):
             self._base_scheduler, self._schedulers = self.pipe.scheduler, {}
+        base_predicts = self._base_scheduler.config.get("prediction_type")
+        if base_predicts is None:  # a flow-matching sampler (FLUX): nothing to switch
+            prediction_type = None
         key = (name, prediction_type)
         if key not in self._schedulers:
-            same = name == "default" and prediction_type in (None, self._base_scheduler.config.prediction_type)
+            same = name == "default" and prediction_type in (None, base_predicts)
             self._schedulers[key] = self._base_scheduler if same else scheduler_like(self._base_scheduler, name, prediction_type)
         self.pipe.scheduler = self._schedulers[key]
 

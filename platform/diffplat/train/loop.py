@@ -311,8 +311,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "data_wait_share": min(1.0, waited[0] / elapsed),
                 }
                 logger.log_metrics(metrics, step)
-                # the console: a line every 10 s at most, and the last step (MLflow has every log_every)
-                if rank == 0 and (time.perf_counter() - printed >= 10 or step == config.max_train_steps):
+                # the console: a line every 10 s at most (MLflow has every log_every; the driver prints
+                # the end: steps, final loss, where the adapter went)
+                if rank == 0 and time.perf_counter() - printed >= 10 and step < config.max_train_steps:
                     printed = time.perf_counter()
                     eta = (config.max_train_steps - step) * metrics["step_time_s"]
                     log.info("train: step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s %.2f s/step data wait %.0f%% "

@@ -218,8 +218,10 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
             shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
         if config.ai_toolkit_layout:
             _ai_toolkit_layout(tmp, config, result, tracking_uri, run_id)
-    log.info("train: adapter written to %s", output)
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    loss = f", final loss {metrics['final_loss']:.4f}" if "final_loss" in metrics else ""
+    log.info("train: %s steps%s; adapter written to %s", metrics.get("step", "?"), loss, output)
+    return metrics
 
 
 def _ai_toolkit_layout(folder: Path, config: TrainConfig, result, tracking_uri: str | None, run_id: str | None) -> None:
