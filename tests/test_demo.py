@@ -50,7 +50,10 @@ def test_demo_writes_every_stage(demo):
     progress = re.compile(r"^\[diffplat\] [\w ]+: (step )?\d+/\d+ ")
     assert len([line for line in ours if not progress.match(line)]) <= 60, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
-    assert len(re.findall(r"stage \w+: starting", stdout + stderr)) == 15  # lora 6, ic_lora 3, controlnet 3, flux 3
+    jobs = re.findall(r"\[diffplat\] job ([\w-]+): ([\w >-]+)", stdout + stderr)
+    assert jobs == [("demo", "prepare -> cache -> train -> generate -> filter -> evaluate"),
+                    ("demo-ic-lora", "prepare -> train -> generate"), ("demo-controlnet", "train -> generate -> filter"),
+                    ("demo-flux", "prepare -> train -> generate")]  # fmt: skip
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
     assert not [line for line in lines if any(n in line for n in noise)]
 

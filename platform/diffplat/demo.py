@@ -58,7 +58,6 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     results = {}
     with ray_session(configs["lora"].ray):  # one Ray for every job
         for leg, config in configs.items():
-            log.info("demo: job %s (%s)", config.name, DEMO_JOBS[leg])
             results[leg] = run_job(config, out)
     print(summary(out, setup, results))
     return results

@@ -227,8 +227,8 @@ def run_job(config: JobConfig, workdir: str | Path = ".", job_file: str | Path |
     uri = tracking.tracking_uri(config.tracking, work.root)
     with ray_session(config.ray), tracking.job_run(config, work.root) as parent_id:
         result = JobResult(run_id=parent_id, tracking_uri=uri)
+        log.info("job %s: %s", config.name, " -> ".join(config.stages()))  # each stage then says what it did
         for name in config.stages():
-            log.info("stage %s: starting", name)
             start = time.perf_counter()
             params = getattr(config, name).model_dump(mode="json", exclude_none=True)
             with tracking.stage_run(name, params, tracking.run_tags(config)) as stage_id:
