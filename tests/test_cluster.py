@@ -60,7 +60,12 @@ def _stop_nodes(temp_dirs: list[Path]) -> list[int]:
             pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # a killed process can take a while to go on a busy machine (seen: one in disk sleep): wait for it
+    psutil.wait_procs(alive, timeout=60)
     address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if address_file.is_file() and any(str(d) in address_file.read_text() for d in temp_dirs):
         address_file.unlink()
