@@ -52,8 +52,9 @@ def check_name(name: str, registry: str | None, family: str | None = None) -> No
         return
     if not _NAME.match(name) or ".." in name:
         raise UnknownAdapter(f"adapter {name!r} is not a registry name (letters, digits, . _ -) or runs:/<id>/<path>")
-    if name not in registry_names(registry, family):
-        known = ", ".join(registry_names(registry, family)) or "none"
+    names = registry_names(registry, family)
+    if name not in names:
+        known = ", ".join(names) or "none"
         raise UnknownAdapter(f"no adapter {name!r} in the registry (known: {known})")
 
 

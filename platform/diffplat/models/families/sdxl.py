@@ -12,6 +12,7 @@ import torch
 
 from diffplat.models.families.base import Family, Parts, Prompts
 from diffplat.models.loading import source_kwargs
+from diffplat.models.lora import SDXL_TARGETS
 
 INPAINT_CHANNELS = 9  # noisy latents (4) + mask (1) + masked-image latents (4)
 
@@ -29,7 +30,7 @@ class SDXL(Family):
     denoiser = "unet"
     denoiser_title = "UNet"
     inpainting_example = "e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1, 9 input channels"
-    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' SDXL scripts: attention
+    lora_targets = SDXL_TARGETS  # diffusers' SDXL scripts: attention
     controlnets = True
     inpaint_extras = {"requires_aesthetics_score": False}  # SDXL base's inpainting: no aesthetic score ids
 
