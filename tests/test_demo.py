@@ -372,10 +372,12 @@ def _group_of(process) -> int | None:
         return None
 
 
-def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
-    """Ray's own `serve run` on serve/local.yaml as shipped (only the port moved, and `workdir`
-    pointed at this demo's output): it calls build_app with the config's args and applies its
-    deployments' options itself. /healthz and a generation over HTTP, then Ctrl-C."""
+def test_serve_run_on_the_shipped_configs_serves_the_demo(demo, tmp_path):
+    """Ray's own `serve run` on serve/local.yaml (SDXL) and serve/local_flux.yaml (the tiny FLUX)
+    as shipped, side by side in one config file as Serve takes several applications (only the port
+    moved, `workdir` pointed at this demo's output, FLUX's app under /flux): it calls build_app with
+    each app's args and applies their deployments' options itself. /healthz, generations with a
+    LoRA named from each registry, a FLUX panel fill, over HTTP, then Ctrl-C."""
     import signal
     import socket
     import time
@@ -386,14 +388,17 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
     from diffplat.demo import demo_config_path
 
     out = demo[0]
-    shipped = Path(__file__).resolve().parents[1] / "serve" / "local.yaml"
-    assert shipped.read_text() == demo_config_path("serve_local.yaml").read_text()  # `diffplat serve`'s default
-    config = yaml.safe_load(shipped.read_text())
+    shipped = Path(__file__).resolve().parents[1] / "serve"
+    assert (shipped / "local.yaml").read_text() == demo_config_path("serve_local.yaml").read_text()  # `diffplat serve`'s default
+    config = yaml.safe_load((shipped / "local.yaml").read_text())
+    flux_app = yaml.safe_load((shipped / "local_flux.yaml").read_text())["applications"][0]
+    config["applications"].append({**flux_app, "route_prefix": "/flux"})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config["http_options"]["port"] = port
-    config["applications"][0]["args"]["workdir"] = str(out)
+    for app in config["applications"]:
+        app["args"]["workdir"] = str(out)
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     # RAY_ADDRESS=local: a Ray of its own, as on a machine with no other; a bare `serve run` joins
@@ -403,24 +408,40 @@ def test_serve_run_on_the_shipped_config_serves_the_demo(demo, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline, health = time.time() + 240, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                health = requests.get(f"{url}/healthz", timeout=5)
-                if health.status_code == 200:
-                    break
-            except requests.RequestException:  # not up yet, or busy starting
-                pass
+        deadline, health = time.time() + 300, {}
+        while time.time() < deadline and proc.poll() is None and len(health) < 2:
+            for prefix in ("", "/flux"):
+                try:
+                    if requests.get(f"{url}{prefix}/healthz", timeout=5).status_code == 200:
+                        health[prefix] = True
+                except requests.RequestException:  # not up yet, or busy starting
+                    pass
             time.sleep(2)
-        assert health is not None and health.status_code == 200, proc.stderr.read()[-3000:] if proc.poll() else "no answer"
+        assert len(health) == 2, proc.stderr.read()[-3000:] if proc.poll() else f"answered: {sorted(health)}"
+
+        def first(answer) -> Image.Image:
+            assert answer.status_code == 200, answer.text[-500:]
+            return Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]["png_base64"])))
+
         assert requests.get(f"{url}/v1/info", timeout=30).json()["routes"] == ["controlnet", "detect", "generate", "ic-lora"]
-        r = requests.post(f"{url}/v1/generate", timeout=120,
-                          json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 2, "seed": 3})  # fmt: skip
-        assert r.status_code == 200, r.text
-        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png_base64"])))
+        body = {"prompt": "a bus at night", "num_inference_steps": 2, "seed": 3}
+        image = first(requests.post(f"{url}/v1/generate", json={**body, "adapter": "lora"}, timeout=120))
         assert image.size == tuple(config["applications"][0]["args"]["default_resolution"])
+        # FLUX: its registry lists only the LoRA made on a FLUX base; the LoRA changes the picture
+        info = requests.get(f"{url}/flux/v1/info", timeout=30).json()
+        assert info["routes"] == ["generate", "ic-lora"] and info["adapters"] == ["flux_ic_lora"], info
+        plain = np.asarray(first(requests.post(f"{url}/flux/v1/generate", json=body, timeout=300)))
+        shots = first(requests.post(f"{url}/flux/v1/generate", json={**body, "adapter": "flux_ic_lora"}, timeout=300))
+        assert shots.size == (64, 96) and not np.array_equal(plain, np.asarray(shots))
+        composite = next((out / "data-flux" / "composites").glob("*.png"))
+        fill = first(requests.post(f"{url}/flux/v1/ic-lora", timeout=300, json={
+            "prompt": "[MOVIE-SHOTS] three frames", "image": base64.b64encode(composite.read_bytes()).decode(),
+            "layout": "3x1", "panels_to_inpaint": [2], "adapter": "flux_ic_lora", "num_inference_steps": 2}))  # fmt: skip
+        original = np.asarray(Image.open(composite).convert("RGB"))
+        assert np.array_equal(np.asarray(fill)[:64], original[:64])  # frames 0 and 1 kept pixel for pixel
+        assert np.abs(np.asarray(fill)[64:].astype(int) - original[64:]).mean() > 1  # frame 2 painted anew
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: `serve run` shuts the application and its Ray down
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: `serve run` shuts the applications and their Ray down
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
