@@ -65,14 +65,16 @@ def test_placeholders_unknown_keys_and_refusals(tmp_path, monkeypatch):
 
 
 def _movie_shots(folder: Path, bdd_dir: Path, count: int = 4) -> None:
-    """The paper's data at toy size: three frames stacked top to bottom, a multi-scene caption each."""
+    """The paper's data at toy size: three frames stacked top to bottom, not all of one height, a
+    multi-scene caption each."""
     frames = sorted((bdd_dir / "images").glob("*.jpg"))
     folder.mkdir(parents=True)
     for n in range(count):
-        stack = Image.new("RGB", (32, 48))
-        for i in range(3):
+        stack, top = Image.new("RGB", (32, 48)), 0
+        for i, height in enumerate((16, 14 + n % 3, 18 - n % 3)):
             with Image.open(frames[(3 * n + i) % len(frames)]) as img:
-                stack.paste(img.convert("RGB").resize((32, 16)), (0, 16 * i))
+                stack.paste(img.convert("RGB").resize((32, height)), (0, top))
+            top += height
         stack.save(folder / f"{n + 1:04d}.jpg")
         (folder / f"{n + 1:04d}.txt").write_text(f"[MOVIE-SHOTS] a drive, [SCENE-1] <Ann> at a crossing {n}, "
                                                  "[SCENE-2] a bus passes, [SCENE-3] the road at dusk\n")  # fmt: skip

@@ -229,3 +229,21 @@ def test_config_names_the_missing_input():
         parse_config({"name": "t", "prepare": {"source": "composites", "composites": {"images": "x", "layout": "2-2"}}})
     with pytest.raises(ConfigError, match="source: composites needs a `composites` section"):
         parse_config({"name": "t", "prepare": {"source": "composites"}})
+
+
+def test_panels_of_unequal_height_end_where_their_sizes_put_them():
+    """The paper's movie shots: frames 480, 460 and 423 px tall, given in pixels or as proportions."""
+    layout = Layout.parse("3x1").sized([480, 460, 423])
+    assert [b[1:4:2] for b in layout.boxes(1080, 1363)] == [(0, 480), (480, 940), (940, 1363)]
+    assert layout.boxes(108, 136) == [(0, 0, 108, 48), (0, 48, 108, 94), (0, 94, 108, 136)]  # scaled
+    layout.check_size(108, 137, "x.png")  # sized rows need not divide the height
+    mask = panel_mask(layout, [2], 108, 136)
+    assert mask[:94].sum() == 0 and mask[94:].min() == 1
+    wide = Layout.parse("1x3").sized(widths=[1, 2, 1])
+    assert [b[0:3:2] for b in wide.boxes(40, 8)] == [(0, 10), (10, 30), (30, 40)]
+    with pytest.raises(CompositeError, match="panel_heights gives 2 sizes for layout 3x1's 3"):
+        Layout.parse("3x1").sized([1, 2], where="--panel_heights")
+    with pytest.raises(CompositeError, match="must be positive numbers"):
+        Layout.parse("3x1").sized([1, 0, float("nan")])
+    with pytest.raises(CompositeError, match="leaves a panel of layout 3x1 no pixels"):
+        Layout.parse("3x1").sized([100, 1, 100]).check_size(8, 20, "x.png")

@@ -377,7 +377,7 @@ def test_serve_run_on_the_shipped_configs_serves_the_demo(demo, tmp_path):
     as shipped, side by side in one config file as Serve takes several applications (only the port
     moved, `workdir` pointed at this demo's output, FLUX's app under /flux): it calls build_app with
     each app's args and applies their deployments' options itself. /healthz, generations with a
-    LoRA named from each registry, a FLUX panel fill, over HTTP, then Ctrl-C."""
+    LoRA named from each registry, a FLUX fill of frames of unequal height, over HTTP, then Ctrl-C."""
     import signal
     import socket
     import time
@@ -436,10 +436,11 @@ def test_serve_run_on_the_shipped_configs_serves_the_demo(demo, tmp_path):
         composite = next((out / "data-flux" / "composites").glob("*.png"))
         fill = first(requests.post(f"{url}/flux/v1/ic-lora", timeout=300, json={
             "prompt": "[MOVIE-SHOTS] three frames", "image": base64.b64encode(composite.read_bytes()).decode(),
-            "layout": "3x1", "panels_to_inpaint": [2], "adapter": "flux_ic_lora", "num_inference_steps": 2}))  # fmt: skip
+            "layout": "3x1", "panel_heights": [32, 40, 24], "panels_to_inpaint": [2], "adapter": "flux_ic_lora",
+            "num_inference_steps": 2}))  # fmt: skip
         original = np.asarray(Image.open(composite).convert("RGB"))
-        assert np.array_equal(np.asarray(fill)[:64], original[:64])  # frames 0 and 1 kept pixel for pixel
-        assert np.abs(np.asarray(fill)[64:].astype(int) - original[64:]).mean() > 1  # frame 2 painted anew
+        assert np.array_equal(np.asarray(fill)[:72], original[:72])  # frames 0 and 1 (32 + 40 rows) kept exactly
+        assert np.abs(np.asarray(fill)[72:].astype(int) - original[72:]).mean() > 1  # frame 2 painted anew
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: `serve run` shuts the applications and their Ray down
         try:

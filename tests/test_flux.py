@@ -135,10 +135,11 @@ def test_bulk_generation_on_flux_with_a_lora(tmp_path, tiny_flux, local_ray):
     assert result.outputs["generate"]["images"] == 2
 
 
-@pytest.mark.parametrize("model", ["tiny_flux", "tiny_flux_fill"])
-def test_ic_lora_infer_fills_a_panel_of_three_on_flux(model, request, tmp_path):
+@pytest.mark.parametrize("model, heights", [("tiny_flux", None), ("tiny_flux_fill", [36, 36, 24])])
+def test_ic_lora_infer_fills_a_panel_of_three_on_flux(model, heights, request, tmp_path):
     """Source 1's command on a FLUX base: a Fill model fills (FluxFillPipeline), a plain one blends
-    latents under the mask (FluxInpaintPipeline); the panels not named stay pixel for pixel."""
+    latents under the mask (FluxInpaintPipeline); the panels not named stay pixel for pixel, also
+    when the frames are of unequal height (the paper's movie shots; --panel_heights)."""
     import subprocess
     import sys
 
@@ -147,14 +148,18 @@ def test_ic_lora_infer_fills_a_panel_of_three_on_flux(model, request, tmp_path):
     base = request.getfixturevalue(model)
     lora = _trained_lora(base, tmp_path / "lora")
     rng = np.random.default_rng(0)
-    composite = Image.fromarray(rng.integers(0, 256, (96, 32, 3), dtype=np.uint8))  # three 32x32 frames, stacked
+    composite = Image.fromarray(rng.integers(0, 256, (96, 32, 3), dtype=np.uint8))  # three frames, stacked
     composite.save(tmp_path / "shots.png")
+    sizes = ["--panel_heights", *map(str, heights)] if heights else []
     proc = subprocess.run([sys.executable, "-m", "diffplat", "ic-lora-infer", "--lora_path", str(lora), "--input_image",
                            "shots.png", "--prompt", "[MOVIE-SHOTS] a drive, [SCENE-1] a road [SCENE-2] a bus [SCENE-3] dusk",
                            "--layout", "3x1", "--panels_to_inpaint", "2", "--num_inference_steps", "2", "--seed", "3",
-                           "--base_model", str(base)], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--base_model", str(base), *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = np.asarray(Image.open(tmp_path / "inference_output" / "shots_output_0.png"), dtype=np.int16)
     original = np.asarray(composite, dtype=np.int16)
-    assert np.array_equal(out[:64], original[:64])  # frames 0 and 1: pixel for pixel
-    assert np.abs(out[64:] - original[64:]).mean() > 5  # frame 2: painted anew
+    top = 72 if heights else 64  # where frame 2 begins
+    assert np.array_equal(out[:top], original[:top])  # frames 0 and 1: pixel for pixel
+    assert np.abs(out[top:] - original[top:]).mean() > 5  # frame 2: painted anew
+    record = json.loads((tmp_path / "inference_output" / "metadata.jsonl").read_text())
+    assert record.get("panel_heights") == heights

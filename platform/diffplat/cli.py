@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="default: the base model recorded with the LoRA, else stabilityai/stable-diffusion-xl-base-1.0")
     fill.add_argument("--save_comparison", action="store_true", help="also write input | mask | output side by side")
     fill.add_argument("--layout", default="2x2", help="ROWSxCOLS of the composite (diffplat; default 2x2)")
+    fill.add_argument("--panel_heights", type=float, nargs="+", default=None, metavar="H",
+                      help="rows' heights, in pixels or any proportions, e.g. 480 460 423 for film frames of "
+                           "unequal height (diffplat; default: equal rows)")
+    fill.add_argument("--panel_widths", type=float, nargs="+", default=None, metavar="W",
+                      help="columns' widths, likewise (diffplat; default: equal columns)")
     fill.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=None,
                       help="prompt tokens kept (diffplat; default: what the LoRA was trained with, else 75)")
 

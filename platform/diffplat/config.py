@@ -413,6 +413,9 @@ class PanelFillSettings(_Strict):
 
     inputs: str = Field(description="folder of composites; a same-named .txt is that composite's prompt")
     layout: str = "2x2"
+    panel_heights: list[float] | None = Field(None, description="rows' relative heights (pixels of one composite, or "
+                                              "proportions: film frames of unequal height); default: equal rows")
+    panel_widths: list[float] | None = Field(None, description="columns' relative widths; default: equal columns")
     panels_to_inpaint: list[int] = Field(default_factory=lambda: [2, 3])
     strength: float = Field(1.0, gt=0, le=1)
     use_gradient_mask: bool = False
@@ -428,8 +431,8 @@ class PanelFillSettings(_Strict):
     def _panels(self) -> "PanelFillSettings":
         from diffplat.data.composites import CompositeError, Layout
 
-        layout = Layout.parse(self.layout)
         try:
+            layout = Layout.parse(self.layout).sized(self.panel_heights, self.panel_widths, "ic_lora")
             chosen = layout.check_panels(self.panels_to_inpaint, "panels_to_inpaint")
         except CompositeError as err:
             raise ValueError(str(err)) from None

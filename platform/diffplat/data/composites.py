@@ -23,6 +23,10 @@ class CompositeError(ValueError):
 class Layout:
     rows: int
     cols: int
+    # Relative row heights and column widths (a composite's own pixel sizes, or any proportions):
+    # the In-Context LoRA paper's movie shots stack frames of unequal height. Empty: equal panels.
+    heights: tuple[float, ...] = ()
+    widths: tuple[float, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -36,6 +40,16 @@ class Layout:
             raise CompositeError(f"layout {text!r} needs at least two panels")
         return layout
 
+    def sized(self, heights=(), widths=(), where: str = "panel sizes") -> "Layout":
+        """This layout with rows `heights` and columns `widths` tall and wide (relative sizes)."""
+        heights, widths = tuple(float(h) for h in heights or ()), tuple(float(w) for w in widths or ())
+        for name, sizes, count in (("panel_heights", heights, self.rows), ("panel_widths", widths, self.cols)):
+            if sizes and len(sizes) != count:
+                raise CompositeError(f"{where}: {name} gives {len(sizes)} sizes for layout {self}'s {count}")
+            if any(not (0 < s < float("inf")) for s in sizes):
+                raise CompositeError(f"{where}: {name} must be positive numbers, got {list(sizes)}")
+        return Layout(self.rows, self.cols, heights, widths)
+
     def __str__(self) -> str:
         return f"{self.rows}x{self.cols}"
 
@@ -44,13 +58,17 @@ class Layout:
         return self.rows * self.cols
 
     def check_size(self, width: int, height: int, where: str, multiple: int = 1) -> None:
-        """Every panel must be a whole number of pixels (of latent cells, with multiple=8)."""
-        if width % (self.cols * multiple) or height % (self.rows * multiple):
+        """Every equal panel must be a whole number of pixels (of latent cells, with multiple=8);
+        sized rows and columns end where their proportions put them."""
+        if (not self.widths and width % (self.cols * multiple)) or (not self.heights and height % (self.rows * multiple)):
             unit = f" x {multiple}" if multiple > 1 else ""
             raise CompositeError(
                 f"{where}: a {width}x{height} composite does not divide into layout {self} "
                 f"(width must be a multiple of {self.cols}{unit}, height of {self.rows}{unit})"
             )
+        for edges in (self.edges(self.cols, self.widths, width), self.edges(self.rows, self.heights, height)):
+            if any(b <= a for a, b in zip(edges, edges[1:])):
+                raise CompositeError(f"{where}: a {width}x{height} composite leaves a panel of layout {self} no pixels")
 
     def check_panels(self, panels, where: str) -> list[int]:
         chosen = sorted({int(p) for p in panels})
@@ -63,10 +81,21 @@ class Layout:
             raise CompositeError(f"{where}: no panel named")
         return chosen
 
+    @staticmethod
+    def edges(count: int, sizes: tuple[float, ...], length: int) -> list[int]:
+        """The `count + 1` pixel edges of rows (or columns) over `length`, by `sizes` or equal."""
+        if not sizes:
+            return [i * (length // count) for i in range(count + 1)]
+        total, run, out = sum(sizes), 0.0, [0]
+        for size in sizes:
+            run += size
+            out.append(round(run / total * length))
+        return out
+
     def boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
         """(left, top, right, bottom) of every panel, in panel order."""
-        pw, ph = width // self.cols, height // self.rows
-        return [((i % self.cols) * pw, (i // self.cols) * ph, (i % self.cols + 1) * pw, (i // self.cols + 1) * ph)
+        xs, ys = self.edges(self.cols, self.widths, width), self.edges(self.rows, self.heights, height)
+        return [(xs[i % self.cols], ys[i // self.cols], xs[i % self.cols + 1], ys[i // self.cols + 1])
                 for i in range(self.panels)]  # fmt: skip
 
 

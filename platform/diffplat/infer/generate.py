@@ -136,6 +136,7 @@ class Generator:
             s = c.ic_lora
             self.fill_options = FillOptions(
                 panels=tuple(s.panels_to_inpaint), layout=s.layout, negative_prompt=c.negative_prompt or None,
+                panel_heights=tuple(s.panel_heights or ()), panel_widths=tuple(s.panel_widths or ()),
                 num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale, strength=s.strength,
                 use_gradient_mask=s.use_gradient_mask, gradient_width=s.gradient_width, adapter_scale=c.adapter_scale,
                 max_token_length=self.max_token_length,

@@ -28,6 +28,8 @@ class FillOptions:
 
     panels: tuple[int, ...] = (2, 3)
     layout: str = "2x2"
+    panel_heights: tuple[float, ...] = ()  # rows' relative heights (diffplat; default: equal)
+    panel_widths: tuple[float, ...] = ()
     negative_prompt: str | None = None
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -58,7 +60,7 @@ def fill_panels(pipe, composite: Image.Image, prompt: str, seeds: list[int], opt
     """Fill `options.panels` of `composite`, one output per seed."""
     import torch
 
-    layout = Layout.parse(options.layout)
+    layout = Layout.parse(options.layout).sized(options.panel_heights, options.panel_widths, where)
     composite = composite.convert("RGB")
     layout.check_size(composite.width, composite.height, where)
     panels = layout.check_panels(options.panels, where)
@@ -91,6 +93,11 @@ def fill_panels(pipe, composite: Image.Image, prompt: str, seeds: list[int], opt
         out = paste_fill(composite, image, soft)
         fills.append(Fill(out, int(seed), mask_image, side_by_side([composite, mask_image, out])))
     return fills
+
+
+def _sizes(options: FillOptions) -> dict:
+    """The panel sizes a record notes, when they are not equal."""
+    return {k: list(v) for k, v in (("panel_heights", options.panel_heights), ("panel_widths", options.panel_widths)) if v}
 
 
 def load_fill_pipeline(base_model: str, lora: str | None = None, vae: str | None = None, variant: str | None = None,
@@ -127,12 +134,13 @@ def fill_command(args) -> list[str]:
     seeds = [seed + i for i in range(args.num_images)]
     options = FillOptions(
         panels=tuple(args.panels_to_inpaint), layout=args.layout, negative_prompt=args.negative_prompt,
+        panel_heights=tuple(args.panel_heights or ()), panel_widths=tuple(args.panel_widths or ()),
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, strength=args.strength,
         use_gradient_mask=args.use_gradient_mask, gradient_width=args.gradient_width,
         max_token_length=family_of(base).sampling_prompt_length(args.max_token_length, info),
     )  # fmt: skip
     # Bad panels or sizes are named before the (slow) model load.
-    layout = Layout.parse(options.layout)
+    layout = Layout.parse(options.layout).sized(options.panel_heights, options.panel_widths, "--panel_heights/--panel_widths")
     layout.check_size(composite.width, composite.height, str(input_path))
     layout.check_panels(options.panels, f"--panels_to_inpaint {' '.join(map(str, options.panels))}")
     pipe = load_fill_pipeline(base, args.lora_path)
@@ -159,7 +167,7 @@ def fill_command(args) -> list[str]:
             save(fill.comparison, f"{stem}_comparison_{i}.png")
         lines.append(json.dumps({"file_name": f"{stem}_output_{i}.png", "input": str(input_path), "prompt": args.prompt,
                                  "negative_prompt": args.negative_prompt, "seed": fill.seed, "panels": list(options.panels),
-                                 "layout": options.layout, "base_model": base, "adapter": args.lora_path,
+                                 "layout": options.layout, **_sizes(options), "base_model": base, "adapter": args.lora_path,
                                  "strength": options.strength, "steps": options.num_inference_steps,
                                  "guidance_scale": options.guidance_scale, "gradient_width":
                                  options.gradient_width if options.use_gradient_mask else 0,

@@ -303,6 +303,10 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
                     layout = Layout.parse(body.layout)
                 except CompositeError as err:
                     raise reject("layout", str(err)) from None
+                try:
+                    layout = layout.sized(body.panel_heights, body.panel_widths, "panel sizes")
+                except CompositeError as err:
+                    raise reject("panel_heights" if "heights" in str(err) else "panel_widths", str(err)) from None
                 if layout.panels > lim.max_panels:
                     raise reject("layout", f"layout {layout} has {layout.panels} panels, at most {lim.max_panels}")
                 try:
@@ -319,7 +323,8 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
                     layout.check_size(image.width, image.height, "image")
                 except CompositeError as err:
                     raise reject("image", str(err)) from None
-                if image.width // layout.cols < 8 or image.height // layout.rows < 8:
+                boxes = layout.boxes(image.width, image.height)
+                if min(min(r - x, b - y) for x, y, r, b in boxes) < 8:
                     raise reject("image", f"a {image.width}x{image.height} composite of layout {layout} has panels "
                                  "smaller than 8 pixels (one latent cell)")  # fmt: skip
                 # The pipeline works at whole latent cells a panel: that size is what is bounded.
@@ -334,7 +339,8 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
                                  f"raise strength or num_inference_steps")  # fmt: skip
                 self._budget(body.num_images, width, height, denoised)
                 job.update(image=image, options={
-                    "panels": tuple(panels), "layout": str(layout), "negative_prompt": body.negative_prompt or None,
+                    "panels": tuple(panels), "layout": str(layout), "panel_heights": layout.heights,
+                    "panel_widths": layout.widths, "negative_prompt": body.negative_prompt or None,
                     "num_inference_steps": steps, "guidance_scale": body.guidance_scale,
                     "strength": body.strength, "use_gradient_mask": body.use_gradient_mask,
                     "gradient_width": body.gradient_width, "adapter_scale": body.adapter_scale})  # fmt: skip

@@ -39,6 +39,9 @@ class IcLoraRequest(_Sampling):
     image: str = Field(description="the composite, base64 (PNG, JPEG or WebP)")
     panels_to_inpaint: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
     layout: str = "2x2"
+    panel_heights: list[float] | None = Field(None, max_length=64, description="rows' relative heights (pixels or "
+                                              "proportions), for panels of unequal height; default: equal rows")
+    panel_widths: list[float] | None = Field(None, max_length=64, description="columns' relative widths")
     strength: float = Field(1.0, gt=0, le=1)
     use_gradient_mask: bool = False
     gradient_width: int = Field(20, ge=0, le=512)
