@@ -36,6 +36,9 @@ def test_the_papers_file_maps_key_for_key(tmp_path, caplog):
     v = train["validation"]
     assert (v["every_n_steps"], v["num_inference_steps"], v["guidance_scale"], v["seed"]) == (250, 20, 3.5, 42)
     assert v["resolution"] == [1024, 1536] and len(v["prompts"]) == 2 and v["prompts"][0].startswith("[MOVIE-SHOTS]")
+    assert v["before_training"]  # ai-toolkit samples the base first unless train.skip_first_sample
+    data["config"]["process"][0]["train"]["skip_first_sample"] = True
+    assert not to_job(data, PAPER_FILE, cwd=tmp_path)[0]["train"]["validation"]["before_training"]
     assert train["flow"] == {"guidance_scale": 1.0, "timestep_sampling": "sigmoid"}  # ai-toolkit's cfg_scale default
     assert train["ai_toolkit_layout"] == {"name": "movie-shots", "job_file": str(PAPER_FILE.resolve()), "dtype": "float16"}
     said = "\n".join(notes)
@@ -107,8 +110,7 @@ def test_the_papers_file_trains_a_flux_lora_into_ai_toolkits_layout(tmp_path, ti
             "adapter_info.json"} <= set(names), names  # fmt: skip
     assert yaml.safe_load((out / "config.yaml").read_text())["meta"]["name"] == "movie-shots"  # [name] replaced
     samples = sorted((out / "samples").glob("*.jpg"))
-    assert {p.name.split("__")[1] for p in samples} == {"000000002_0.jpg", "000000002_1.jpg", "000000004_0.jpg",
-                                                         "000000004_1.jpg"}  # fmt: skip
+    assert {p.name.split("__")[1] for p in samples} == {f"{step:09d}_{i}.jpg" for step in (0, 2, 4) for i in (0, 1)}
     from safetensors import safe_open
 
     with safe_open(str(out / "movie-shots.safetensors"), "pt") as f:

@@ -232,6 +232,7 @@ def to_job(data: dict, job_file: str | Path, cwd: str | Path | None = None) -> t
             "resume_from_checkpoint": "latest",  # running the file again goes on, as ai-toolkit does
             "validation": {
                 "every_n_steps": int(sample["sample_every"]) if samples_on else None,
+                "before_training": samples_on and not train.get("skip_first_sample", False),
                 "prompts": [str(p) for p in sample["prompts"]] if samples_on else [],
                 "num_inference_steps": int(sample["sample_steps"]),
                 "guidance_scale": float(sample["guidance_scale"]),

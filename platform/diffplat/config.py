@@ -237,6 +237,8 @@ class ValidationSettings(_Strict):
     """Images made with the adapter as it trains, logged to MLflow as one grid per time."""
 
     every_n_steps: int | None = Field(None, gt=0, description="None: only at the end")
+    before_training: bool = Field(False, description="also before the first step (or the first after a resume): "
+                                  "the starting point to compare with (ai-toolkit's default)")
     prompts: list[str] = Field(default_factory=list, description="lora; ic_lora and controlnet use training rows")
     num_images: int = Field(2, gt=0, description="ic_lora, controlnet: how many training rows to draw from")
     panels: list[int] | None = Field(None, description="ic_lora: panels to fill; None: the second half")

@@ -262,6 +262,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_loss, window_micro, window_steps, window_images = 0.0, 0, 0, 0
     window_start, waited = time.perf_counter(), [0.0]
     printed = window_start
+    if config.validation.before_training:
+        validate(step)
     engine.train()
     while step < config.max_train_steps:
         # The shuffle is reseeded each epoch from (seed, rank, epoch): a resumed run replays
