@@ -134,6 +134,19 @@ def test_the_papers_file_trains_a_flux_lora_into_ai_toolkits_layout(tmp_path, ti
     pipe.set_adapters(["shots"], adapter_weights=[0.0])
     assert np.array_equal(image(), base)
 
+    # source 1's fill command with that LoRA on a movie shot of the data (frames 16, 14 and 18 rows
+    # tall): the third frame painted anew, the first two kept pixel for pixel
+    shot = tmp_path / "data" / "movie-shots" / "0001.jpg"
+    fill = subprocess.run([sys.executable, "-m", "diffplat", "ic-lora-infer", "--lora_path", str(out), "--input_image",
+                           str(shot), "--prompt", (shot.with_suffix(".txt")).read_text(), "--layout", "3x1",
+                           "--panel_heights", "16", "14", "18", "--panels_to_inpaint", "2", "--num_inference_steps", "2",
+                           "--seed", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert fill.returncode == 0, fill.stderr[-3000:]
+    filled = np.asarray(Image.open(tmp_path / "inference_output" / "0001_output_0.png"), dtype=np.int16)
+    with Image.open(shot) as original:
+        original = np.asarray(original.convert("RGB"), dtype=np.int16)
+    assert np.array_equal(filled[:30], original[:30]) and np.abs(filled[30:] - original[30:]).mean() > 1
+
     # running the file again goes on from the newest save: ai-toolkit's way, as resume_from_checkpoint
     # latest (whose resume is checked step for step in test_train.py)
     assert load_config(tmp_path / "movie-shots.yml").train.resume_from_checkpoint == "latest"

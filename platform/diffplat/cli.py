@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_forever(args.config or demo_config_path("serve_local.yaml"), args.port, args.workdir, args.num_cpus)
         elif args.command == "export-lora":
-            from diffplat.models.lora import export_kohya
+            from diffplat.models.kohya import export_kohya
 
             print(export_kohya(args.adapter, args.out))
         elif args.command == "import-flags":
