@@ -19,12 +19,14 @@ export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 # Installs exactly requirements.lock (every package, version and hash; `make lock` remakes it).
 # torch and torchvision go first, by pip: on the project machines pip takes them from local files
 # (uv does not look there, and would download the same wheels, GBs); uv then installs the rest from
-# the lock in seconds where pip took about 100 s, and leaves the torch already there alone.
+# the lock (and compiles its bytecode, as pip does: with PYTHONDONTWRITEBYTECODE set, as on these
+# machines, every process would otherwise compile every module it imports, again and again) in
+# about a minute where pip took about 100 s, and leaves the torch already there alone.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip uv==0.13.9
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --require-hashes -r requirements.lock
+	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --require-hashes --compile-bytecode -r requirements.lock
 	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 

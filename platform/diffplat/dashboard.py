@@ -38,7 +38,11 @@ def serve_dashboard(workdir: str | Path, host: str = "127.0.0.1", port: int = 50
     # MLflow starts worker processes: in a process group of its own, which is stopped whole
     # however this process is asked to end (Ctrl-C, SIGTERM, or SIGHUP when the SSH session of
     # `ray exec ... --port-forward` ends): no server is left holding the port.
-    proc = subprocess.Popen(server_command(workdir, host, port), start_new_session=True)
+    # MLflow 3 starts a job runner and seven task consumers beside a SQL-backed server, for its GenAI
+    # jobs (judges, evaluation): nine processes of about 300 MB that poll all the time. diffplat's
+    # runs use none of it; the user's own setting wins.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(server_command(workdir, host, port), start_new_session=True, env=env)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return proc.wait()
