@@ -33,3 +33,25 @@ def run_bench(script: str, *args: str):
                           env=os.environ.copy())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def validation_images(client, run_id: str) -> list[tuple[int, str]]:
+    """(step, artifact path) of the validation images a training run logged with MLflow's image
+    API (key "validation"; the run page's step slider), by step; the full-size PNGs only."""
+    import re
+
+    found = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        match = re.fullmatch(r"images/validation\+step\+(\d+)\+timestamp\+\d+\+[\w-]+\.png", artifact.path)
+        if match:
+            found.append((int(match[1]), artifact.path))
+    return sorted(found)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from diffplat.data import bdd
 from diffplat.data.composites import Layout
+from helpers import free_port, validation_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -106,6 +107,64 @@ def test_demo_flux_leg(demo):
         assert np.abs(after[64:] - before[64:]).mean() > 1  # frame 2 painted anew
 
 
+def test_demo_adapters_are_registered_models_with_an_alias_over_rest(demo, monkeypatch):
+    """After the demo, MLflow's REST API (a real `diffplat mlflow` server) shows each adapter as a
+    registered model whose alias `demo` names a version tagged with its kind, base model and
+    dataset; every training run carries its dataset (name, digest, source, rows); the experiment
+    opens on its runs table, whose page `diffplat mlflow` prints; the registered LoRA loads on its
+    base with stock diffusers through mlflow.pyfunc and draws."""
+    import time
+
+    import mlflow
+    import psutil
+    import requests
+
+    out = demo[0]
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "diffplat", "mlflow", "--workdir", str(out), "--port", str(port)],
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # only against a hang
+        while True:
+            try:
+                requests.get(f"{base}/health", timeout=2)
+                break
+            except requests.RequestException:
+                assert board.poll() is None and time.time() < deadline, "the MLflow server did not come up"
+                time.sleep(0.5)
+        api = f"{base}/api/2.0/mlflow"
+        experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "diffplat-demo"}).json()["experiment"]
+        assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+        kinds = {"demo-lora": "lora", "demo-ic-lora": "ic_lora", "demo-controlnet": "controlnet", "demo-flux-ic-lora": "ic_lora"}
+        for name, kind in kinds.items():
+            answer = requests.get(f"{api}/registered-models/alias", params={"name": name, "alias": "demo"})
+            assert answer.status_code == 200, (name, answer.text)
+            version = answer.json()["model_version"]
+            tags = {t["key"]: t["value"] for t in version.get("tags", [])}
+            assert tags["diffplat.kind"] == kind and tags["diffplat.base_model"].startswith("base-model"), (name, tags)
+            assert len(tags["diffplat.dataset_digest"]) == 16 and "demo" in version["aliases"]
+        found = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]],
+                                                          "filter": "tags.`diffplat.stage` = 'train'"}).json()["runs"]  # fmt: skip
+        assert len(found) == 4
+        for run in found:
+            (used,) = run["inputs"]["dataset_inputs"]
+            assert used["dataset"]["digest"] and json.loads(used["dataset"]["profile"])["num_rows"] > 0, used
+            assert json.loads(used["dataset"]["source"])["uri"].startswith("file://")
+            assert {t["key"]: t["value"] for t in used["tags"]}["mlflow.data.context"] == "training"
+        # `diffplat mlflow` says where the runs table is (stderr is read only once it has stopped)
+    finally:
+        for process in [psutil.Process(board.pid), *psutil.Process(board.pid).children(recursive=True)]:
+            process.kill()
+        said = board.communicate(timeout=60)[1]
+    assert f"{base}/#/experiments/{experiment['experiment_id']}/runs" in said, said[-2000:]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")  # for this test only
+    model = mlflow.pyfunc.load_model("models:/demo-lora@demo")
+    (png,) = model.predict([{"prompt": "a bus at night"}], params={"num_inference_steps": 2, "width": 64, "height": 64})
+    assert Image.open(io.BytesIO(base64.b64decode(png))).size == (64, 64)
+
+
 def test_demo_records_one_run_per_stage(demo):
     import mlflow
 
@@ -139,13 +198,12 @@ def test_demo_records_one_run_per_stage(demo):
     ic_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-ic-lora"].info.run_id}  # fmt: skip
     assert set(ic_stages) == {"prepare", "train", "generate"}
-    validation = [a.path for a in client.list_artifacts(ic_stages["train"].info.run_id, "validation")]
-    assert validation == ["validation/step_000010.png", "validation/step_000020.png"]
+    assert [step for step, _ in validation_images(client, ic_stages["train"].info.run_id)] == [10, 20]
     assert "comparison_sheet.png" in [a.path for a in client.list_artifacts(ic_stages["generate"].info.run_id)]
     cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
     assert set(cn_stages) == {"train", "generate", "filter"}
-    assert len(client.list_artifacts(cn_stages["train"].info.run_id, "validation")) == 2
+    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [10, 20]
 
 
 def test_demo_lora_in_stock_diffusers(demo):
@@ -236,9 +294,9 @@ def test_ic_lora_training_logs_fills_to_mlflow(demo, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     job = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
                              filter_string="tags.`diffplat.job` = 'demo-ic-lora' and tags.`diffplat.stage` = 'train'")  # fmt: skip
-    pictures = [a.path for a in client.list_artifacts(job[0].info.run_id, "validation")]
-    assert pictures == ["validation/step_000010.png", "validation/step_000020.png"]
-    local = client.download_artifacts(job[0].info.run_id, pictures[-1], str(tmp_path))
+    pictures = validation_images(client, job[0].info.run_id)
+    assert [step for step, _ in pictures] == [10, 20]  # MLflow's image log: the run page's step slider
+    local = client.download_artifacts(job[0].info.run_id, pictures[-1][1], str(tmp_path))
     width, height = Image.open(out / "data-ic" / "composites" / "composite-00000.png").size
     strip = 3 * width + 2 * 8  # input | mask | output, 8 px apart
     shown = max(768, strip)  # a narrower strip is scaled up to 768
@@ -268,6 +326,23 @@ def test_ic_lora_bulk_fill_changes_named_panels_and_keeps_the_rest(demo):
     assert (fills / "comparison_sheet.png").is_file()
 
 
+def test_ic_lora_infer_takes_the_adapter_by_its_alias_in_mlflow(demo, tmp_path):
+    """Source 1's command with --lora_path models:/demo-ic-lora@demo (the demo's store as
+    $MLFLOW_TRACKING_URI) fills exactly as with the adapter's folder."""
+    out = demo[0]
+    composite = out / "data-ic" / "composites" / "composite-00000.png"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    filled = []
+    for i, lora in enumerate((str(out / "adapters" / "ic_lora"), "models:/demo-ic-lora@demo")):
+        proc = subprocess.run([sys.executable, "-m", "diffplat", "ic-lora-infer", "--lora_path", lora, "--input_image",
+                               str(composite), "--prompt", "[BDD] four frames", "--num_inference_steps", "2", "--seed",
+                               "5", "--output_dir", str(tmp_path / str(i))], capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        filled.append(np.asarray(Image.open(tmp_path / str(i) / "composite-00000_output_0.png")))
+    assert np.array_equal(filled[0], filled[1])
+
+
 # --- the ControlNet leg (demo_controlnet.yaml: BDD masks -> a ControlNet on 2 workers) ----------------
 
 
@@ -291,8 +366,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     train = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
                                filter_string="tags.`diffplat.job` = 'demo-controlnet' and tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
-    assert [a.path for a in client.list_artifacts(train.info.run_id, "validation")] == [
-        "validation/step_000010.png", "validation/step_000020.png"]
+    assert [step for step, _ in validation_images(client, train.info.run_id)] == [10, 20]
 
 
 
@@ -333,7 +407,8 @@ def test_diffplat_serve_with_no_config_serves_the_demo(demo):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "DIFFPLAT_API_KEY": ""}
+    # MLflow adapters from the demo's own store, as with no MLFLOW_TRACKING_URI set
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "DIFFPLAT_API_KEY": ""}
     proc = subprocess.Popen([sys.executable, "-m", "diffplat", "serve", "--workdir", str(out), "--port", str(port),
                              "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)  # fmt: skip
@@ -346,9 +421,17 @@ def test_diffplat_serve_with_no_config_serves_the_demo(demo):
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
         info = requests.get(f"http://127.0.0.1:{port}/v1/info", timeout=30).json()  # auth: none in the local config
         assert info["routes"] == ["controlnet", "detect", "generate", "ic-lora"] and info["adapters"] == ["ic_lora", "lora"]
-        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
-                          json={"prompt": "a bus at night", "adapter": "lora", "num_inference_steps": 4})  # fmt: skip
+        body = {"prompt": "a bus at night", "num_inference_steps": 4, "seed": 11}
+        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120, json={**body, "adapter": "lora"})
         assert r.status_code == 200 and r.json()["images"][0]["png_base64"]
+        # the same LoRA by its alias in MLflow's model registry (the demo's store): the same picture
+        by_alias = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
+                                 json={**body, "adapter": "models:/demo-lora@demo"})  # fmt: skip
+        assert by_alias.status_code == 200, by_alias.text
+        assert by_alias.json()["images"][0]["png_base64"] == r.json()["images"][0]["png_base64"]
+        missing = requests.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
+                                json={**body, "adapter": "models:/demo-lora@nowhere"})  # fmt: skip
+        assert missing.status_code == 422 and "nowhere" in missing.text, missing.text
         # the SSH session of `ray exec ... --port-forward` ends: SIGHUP to diffplat alone, which
         # stops Serve and the Ray it started: nothing of its group left, the port free again
         os.kill(proc.pid, signal.SIGHUP)

@@ -24,12 +24,28 @@ def server_command(workdir: Path, host: str, port: int) -> list[str]:
             "--workers", "1"]  # fmt: skip
 
 
+def experiment_pages(workdir: Path, address: str, limit: int = 3) -> list[tuple[str, str]]:
+    """(name, runs page) of the store's most recently used experiments that hold runs."""
+    if not (workdir / "mlflow.db").is_file():
+        return []
+    from mlflow import MlflowClient
+
+    from diffplat.tracking import runs_page
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    found = client.search_experiments(order_by=["last_update_time DESC"], max_results=20)
+    used = [e for e in found if client.search_runs([e.experiment_id], max_results=1)]
+    return [(e.name, runs_page(address, e.experiment_id)) for e in used[:limit]]
+
+
 def serve_dashboard(workdir: str | Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the server until Ctrl-C; its exit status."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log.info("MLflow on %s (store %s)", address, workdir / "mlflow.db")
+    for name, page in experiment_pages(workdir, address):
+        log.info("  %s: %s", name, page)
     log.info("jobs log to it with:  export MLFLOW_TRACKING_URI=%s   (or tracking.uri in the job)", address)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who reaches this port can read and change every run", host)

@@ -76,6 +76,14 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
     fx_prep, fx_train, fx_gen = (results["flux"].outputs.get(k, {}) for k in ("prepare", "train", "generate"))
     loss = lambda t: f"final loss {t.get('final_loss', float('nan')):.4f}"  # noqa: E731
+    from mlflow import MlflowClient
+
+    from diffplat.tracking import runs_page
+
+    first = next(iter(results.values()))
+    experiment = MlflowClient(tracking_uri=first.tracking_uri).get_run(first.run_id).info.experiment_id
+    models = [r.outputs.get("train", {}).get("model") for r in results.values()]
+    registered = ", ".join(m.removeprefix("models:/") for m in models if m) + " (alias demo: models:/<name>@demo)"
     lines += [
         f"  in {out}:",
         f"    data/ {prep.get('rows_written')} rows (skipped {prep.get('skipped')}), cache/ {cache.get('rows')} rows "
@@ -91,7 +99,9 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
         f"    controlnet/ {cn_gen.get('images')} images from maps (comparisons/), kept {cn_filt.get('kept')}",
         f"    FLUX.1: data-flux/composites/ {fx_prep.get('rows_written')} of layout 3x1, adapters/flux_ic_lora "
         f"({loss(fx_train)}), flux/ {fx_gen.get('images')} with frame 2 filled (comparisons/)",
-        f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}  (http://127.0.0.1:5000)",
+        f"  MLflow's model registry: {registered}",
+        f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}",
+        f"    then {runs_page('http://127.0.0.1:5000', experiment)}",
         "  fill panels of a composite yourself (source 1's flags):",
         f"    .venv/bin/diffplat ic-lora-infer --lora_path {out / 'adapters/ic_lora'} --input_image "
         f"{out / 'data-ic/composites/composite-00000.png'} --prompt \"...\" --panels_to_inpaint 2 3",

@@ -71,9 +71,11 @@ class Preflight:
             self.problems.append(f"{field}: {value} is not there (neither a folder nor a hub id like org/name)")
 
     def lora(self, field: str, value: str | None) -> None:
-        self._input(field, value)
-        if value is None:
+        from diffplat.tracking import is_mlflow_ref
+
+        if value is None or is_mlflow_ref(value):  # MLflow's to fetch when the stage starts
             return
+        self._input(field, value)
         from diffplat.models.lora import LoraFileError, lora_location
 
         path = value if HUB_ID.fullmatch(value) and not self.resolve(value).exists() else str(self.resolve(value))

@@ -104,6 +104,7 @@ def _cache(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     resolved = c.model_copy(update={"data": str(work.path(c.data)), "base_model": work.model(c.base_model),
                                     "vae": work.model(c.vae) if c.vae else None})  # fmt: skip
     output = work.path(c.output)
+    tracking.log_dataset(Path(resolved.data), f"{config.name}:{c.data}", "encoding")
     report = run_cache(resolved, output)
     # nodes and bytes: where the work ran, and how little of it passed through the driver
     tracking.log_metrics({k: report[k] for k in ("rows", "rows_left_out", "shards", "rows_per_s", "nodes",
@@ -125,9 +126,17 @@ def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
         "scaling": c.scaling.model_copy(update={"storage_path": _storage(c.scaling.storage_path, work)}),
     })  # fmt: skip
     output = work.path(c.output)
+    dataset = Path(resolved.cache or resolved.data)
+    tracking.log_dataset(dataset, f"{config.name}:{c.cache or c.data}", "training")
     metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train", verbose=config.ray.verbose)
     tracking.log_artifacts(output, "adapter")
-    return {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    out = {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    if config.tracking.register_as:
+        tags = {**tracking.run_tags(config), "diffplat.dataset_digest": tracking.shards_digest(dataset)[0]}
+        out["model"] = tracking.register_adapter(output, config.tracking.register_as, config.tracking.alias, tags)
+        log.info("train: registered as %s%s", out["model"],
+                 f" (alias {config.tracking.alias})" if config.tracking.alias else "")  # fmt: skip
+    return out
 
 
 def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
@@ -137,9 +146,9 @@ def _generate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     update = {
         "base_model": work.model(c.base_model),
         "vae": work.model(c.vae) if c.vae else None,
-        # a local folder or file if one is there, else a hub id, as for the models
-        "lora": work.model(c.lora) if c.lora else None,
-        "loras": [a.model_copy(update={"path": work.model(a.path)}) for a in c.loras],
+        # a local folder or file if one is there, an adapter in MLflow (fetched here), else a hub id
+        "lora": _adapter(c.lora, work, uri) if c.lora else None,
+        "loras": [a.model_copy(update={"path": _adapter(a.path, work, uri)}) for a in c.loras],
         "prompts_file": str(work.path(c.prompts_file)) if c.prompts_file else None,
         "prompts_from_shards": str(work.path(c.prompts_from_shards)) if c.prompts_from_shards else None,
     }
@@ -204,6 +213,16 @@ def _evaluate(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
 STAGE_RUNNERS = {"prepare": _prepare, "cache": _cache, "train": _train, "generate": _generate, "filter": _filter,
                  "evaluate": _evaluate}  # fmt: skip
 assert tuple(STAGE_RUNNERS) == STAGES
+
+
+def _adapter(ref: str, work: Workdir, uri: str) -> str:
+    """An adapter a job names: `runs:/...` and `models:/...` are fetched from MLflow into the work
+    folder once (per version), then read like any folder; anything else as a model path."""
+    if tracking.is_mlflow_ref(ref):
+        folder = tracking.fetch_adapter(ref, work.root / ".diffplat" / "adapters", uri)
+        log.info("generate: adapter %s is %s", ref, folder)
+        return str(folder)
+    return work.model(ref)
 
 
 def _storage(value: str, work: Workdir) -> str:

@@ -35,6 +35,11 @@ class TrackingConfig(_Strict):
     experiment: str = "diffplat"
     # None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the work folder.
     uri: str | None = None
+    register_as: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$", description="register the trained "
+                                    "adapter in MLflow's model registry under this name, a new version each run "
+                                    "(then `models:/<name>/<version>` and `models:/<name>@<alias>` name it anywhere)")
+    alias: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$", description="point this alias of "
+                              "register_as at the new version (production, staging, ...)")
 
 
 class RayConfig(_Strict):

@@ -49,7 +49,8 @@ class ServeConfig(_Strict):
                                          "open API, said explicitly (127.0.0.1 only)")  # fmt: skip
     api_key_env: str = Field("DIFFPLAT_API_KEY", min_length=1, description="the environment variable holding the API "
                              "key, read where the application is built")  # fmt: skip
-    tracking_uri: str | None = Field(None, description="MLflow store for runs:/ adapters")
+    tracking_uri: str | None = Field(None, description="MLflow store of runs:/ and models:/ "
+                                       "adapters; default: $MLFLOW_TRACKING_URI, else workdir's mlflow.db")
     workdir: str | None = Field(None, description="what relative paths are relative to (default: the current folder)")
     batching: BatchingSettings = BatchingSettings()
     limits: ServeLimits = ServeLimits()

@@ -112,7 +112,23 @@ def load_fill_pipeline(base_model: str, lora: str | None = None, vae: str | None
 
 
 def fill_command(args) -> list[str]:
-    """`diffplat ic-lora-infer`: source 1's inference script, flag for flag. Returns the files written."""
+    """`diffplat ic-lora-infer`: source 1's inference script, flag for flag. Returns the files written.
+    `--lora_path` may also name an adapter in MLflow (runs:/..., models:/<name>/<version>,
+    models:/<name>@<alias>, from $MLFLOW_TRACKING_URI's store), fetched for this run."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from diffplat.tracking import fetch_adapter, is_mlflow_ref
+
+    if not is_mlflow_ref(args.lora_path):
+        return _fill_command(args)
+    with tempfile.TemporaryDirectory(prefix="diffplat-adapter-") as fetched:
+        args.lora_path = str(fetch_adapter(args.lora_path, Path(fetched), os.environ.get("MLFLOW_TRACKING_URI")))
+        return _fill_command(args)
+
+
+def _fill_command(args) -> list[str]:
     import json
     import random
     import time

@@ -4,25 +4,25 @@ base model without a redeploy.
 
 Names are the sub-folders of the registry folder (each holding `pytorch_lora_weights.safetensors`,
 or ai-toolkit's `<folder name>.safetensors`) whose adapter_info.json names the base model's family
-(or no family: made elsewhere), or `runs:/<run id>/<artifact path>` for an adapter logged to
-MLflow (fetched once per replica).
+(or no family: made elsewhere), or an adapter in MLflow: `runs:/<run id>/<artifact path>`,
+`models:/<name>/<version>`, `models:/<name>@<alias>` (fetched once per replica and version; an
+alias is looked up on each use, so moving it moves the API to the new version).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 from diffplat.models.lora import WEIGHTS_NAME, adapter_info
+from diffplat.tracking import fetch_adapter, is_mlflow_ref, pinned_ref
 
 log = logging.getLogger("diffplat")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RUN = re.compile(r"^runs:/[0-9a-f]{32}/[A-Za-z0-9._/-]{1,256}$")
 
 
 class UnknownAdapter(ValueError):
@@ -46,12 +46,13 @@ def registry_names(registry: str | None, family: str | None = None) -> list[str]
 
 
 def check_name(name: str, registry: str | None, family: str | None = None) -> None:
-    """Refuse a name that is not in the registry (or not an MLflow run URI), before any work.
+    """Refuse a name that is not in the registry (or not an MLflow reference), before any work.
     Names never become paths unchecked: no separators, no `..`."""
-    if _RUN.match(name) and ".." not in name:
+    if is_mlflow_ref(name):
         return
     if not _NAME.match(name) or ".." in name:
-        raise UnknownAdapter(f"adapter {name!r} is not a registry name (letters, digits, . _ -) or runs:/<id>/<path>")
+        raise UnknownAdapter(f"adapter {name!r} is not a registry name (letters, digits, . _ -), runs:/<id>/<path>, "
+                             "models:/<name>/<version> or models:/<name>@<alias>")  # fmt: skip
     names = registry_names(registry, family)
     if name not in names:
         known = ", ".join(names) or "none"
@@ -71,31 +72,32 @@ class AdapterCache:
         self.loads = self.evictions = self._attempts = 0
         self._downloads = Path(tempfile.mkdtemp(prefix="diffplat-adapters-"))
 
-    def _folder(self, name: str) -> Path:
-        if name.startswith("runs:/"):
-            import mlflow.artifacts
+    def _key(self, name: str) -> str:
+        """What a loaded adapter is kept under: its name, with an MLflow alias resolved to the
+        version it names now."""
+        if not is_mlflow_ref(name):
+            return name
+        try:
+            return pinned_ref(name, self.tracking_uri)
+        except Exception as err:  # no such model or alias, the store unreachable
+            raise UnknownAdapter(f"adapter {name!r}: MLflow does not resolve it ({type(err).__name__}: {err})") from None
 
-            target = self._downloads / re.sub(r"\W", "_", name)
-            if not target.exists():  # fetched whole, then renamed: a failed fetch leaves nothing behind
-                partial = Path(tempfile.mkdtemp(dir=self._downloads))
-                try:
-                    mlflow.artifacts.download_artifacts(artifact_uri=name, dst_path=str(partial),
-                                                        tracking_uri=self.tracking_uri)  # fmt: skip
-                except Exception as err:  # MLflow raises several types for a missing run or path
-                    shutil.rmtree(partial, ignore_errors=True)
-                    raise UnknownAdapter(f"adapter {name!r}: cannot fetch it from MLflow ({err})") from None
-                partial.rename(target)
-            found = sorted(target.rglob(WEIGHTS_NAME))
-            if not found:
-                raise UnknownAdapter(f"adapter {name!r}: no {WEIGHTS_NAME} in that MLflow artifact")
-            return found[0].parent
-        check_name(name, self.registry, self.family)
-        return Path(self.registry) / name
+    def _folder(self, key: str) -> Path:
+        if is_mlflow_ref(key):
+            try:
+                return fetch_adapter(key, self._downloads, self.tracking_uri)
+            except Exception as err:  # MLflow raises several types for a missing run, model or path
+                raise UnknownAdapter(f"adapter {key!r}: cannot fetch it from MLflow ({err})") from None
+        check_name(key, self.registry, self.family)
+        return Path(self.registry) / key
 
     def ensure(self, name: str) -> str:
         """Load adapter `name` if it is not loaded (evicting the least recently used); its name
         in the pipeline. An adapter that cannot be fetched or does not fit the base model is an
         UnknownAdapter, and leaves nothing of itself in the pipeline."""
+        return self._ensure(self._key(name))
+
+    def _ensure(self, name: str) -> str:
         if name in self.loaded:
             return self.loaded[name]
         folder = self._folder(name)
@@ -129,11 +131,12 @@ class AdapterCache:
             if self.loaded:
                 self.pipe.disable_lora()
             return None
-        internal = self.ensure(name)
-        self.loaded.move_to_end(name)
+        key = self._key(name)
+        internal = self._ensure(key)
+        self.loaded.move_to_end(key)
         self.pipe.enable_lora()
         self.pipe.set_adapters([internal], adapter_weights=[scale])
-        return self.learnt[name]
+        return self.learnt[key]
 
     def stats(self) -> dict:
         return {"loaded": list(self.loaded), "loads": self.loads, "evictions": self.evictions}

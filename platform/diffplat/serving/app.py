@@ -198,12 +198,14 @@ def make_ingress(routes: frozenset[str], key_hash: str | None, max_body: int):
             return result
 
         async def _adapter_ready(self, handle, adapter: str | None) -> None:
-            """An adapter fetched from elsewhere (runs:/...) is fetched and loaded by a replica
-            before a request using it joins a batch, once per URI: a bad one fails alone."""
-            if adapter is None or not adapter.startswith("runs:/") or adapter in self.checked_adapters:
+            """An adapter fetched from MLflow (runs:/..., models:/...) is fetched and loaded by a
+            replica before a request using it joins a batch, once per URI (an alias each time: it
+            can move): a bad one fails alone."""
+            if adapter is None or not adapter.startswith(("runs:/", "models:/")) or adapter in self.checked_adapters:
                 return
             await self._call(handle.check_adapter, adapter)
-            self.checked_adapters.add(adapter)
+            if "@" not in adapter:
+                self.checked_adapters.add(adapter)
 
         @staticmethod
         async def _respond(request: Request, fmt: str, images, seeds, timings: dict, start: float, **extra):
@@ -411,7 +413,11 @@ def resolve_settings(args: ServeConfig | dict, workdir: str | Path | None = None
         path = path if path.is_absolute() else root / path
         return str(path) if path.exists() else value  # else a hub id (or a model yaml)
 
-    return settings.model_copy(update={"workdir": str(root), **{k: local(getattr(settings, k)) for k in
+    # MLflow adapters (runs:/, models:/) come from the store jobs log to: $MLFLOW_TRACKING_URI, else
+    # the args' tracking_uri, else the work folder's own SQLite store (what a job there writes)
+    store = root / "mlflow.db"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri or (f"sqlite:///{store}" if store.is_file() else None)
+    return settings.model_copy(update={"workdir": str(root), "tracking_uri": uri, **{k: local(getattr(settings, k)) for k in
                                        ("base_model", "vae", "inpaint_model", "controlnet", "adapters", "detector")}})  # fmt: skip
 
 

@@ -24,7 +24,8 @@ class _Sampling(_Body):
     guidance_scale: float = Field(5.0, ge=0, le=50)
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i gets seed + i; default: random")
     num_images: int = Field(1, ge=1)
-    adapter: str | None = Field(None, description="a registry adapter name, or runs:/<run id>/<path>")
+    adapter: str | None = Field(None, description="a registry adapter name, or one in MLflow: "
+                                   "runs:/<run id>/<path>, models:/<name>/<version>, models:/<name>@<alias>")
     adapter_scale: float = Field(1.0, ge=0, le=4)
 
 

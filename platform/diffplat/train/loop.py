@@ -248,7 +248,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             images = objective.validation_images(engine.module)
         engine.module.train()
         if images:
-            logger.log_image(objective.grid(images), f"validation/step_{step:06d}.png")
+            logger.log_image(objective.grid(images), key="validation", step=step)  # a step slider in the run page
             if config.ai_toolkit_layout:  # each image as ai-toolkit names its samples; the driver copies them out
                 stamp = int(time.time() * 1000)
                 for i, image in enumerate(images):
