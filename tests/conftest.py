@@ -108,7 +108,7 @@ def demo(tmp_path_factory):
         return Path(os.environ["DIFFPLAT_TEST_DEMO"]).resolve(), "", ""
     out = tmp_path_factory.mktemp("demo") / "demo-output"
     proc = subprocess.run([sys.executable, "-m", "diffplat", "demo", "--output", str(out)],
-                          capture_output=True, text=True, timeout=840, env=os.environ.copy())  # fmt: skip
+                          capture_output=True, text=True, timeout=2100, env=os.environ.copy())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout, proc.stderr
 
