@@ -60,8 +60,37 @@ def test_the_serve_app_is_serve_diffplat_yaml():
     shipped = yaml.safe_load((REPO / "serve" / "diffplat.yaml").read_text())
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["applications"] == shipped["applications"]
-    # the head's ports: Ray's own pods and the operator only
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert policy["kind"] == "NetworkPolicy"
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayservice.yaml"])
+def test_every_pod_is_unprivileged_and_only_ray_reaches_it(name):
+    """Non-root, no privilege escalation, no capabilities, a read-only root filesystem with /tmp and
+    ~/.cache as scratch, on the head and every worker group; a NetworkPolicy over every Ray pod."""
+    cluster, policy = _docs(name)[0]["spec"], _docs(name)[-1]
+    spec = cluster.get("rayClusterSpec") or cluster["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    for template in templates:
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert context["readOnlyRootFilesystem"] is True
+            scratch = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/tmp", "/home/ray/.cache"} <= scratch
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    sources = policy["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}} in sources
+
+
+def test_the_image_runs_as_a_user_without_sudo_and_leaves_the_checkout_out():
+    dockerfile = (REPO / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users[-1] == "ray" and "sudo" in next(line for line in dockerfile if "purge" in line)
+    assert any("--require-hashes -r requirements.lock" in line for line in dockerfile)
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "demo-output", "mlflow.db"} <= ignored
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayservice.yaml"])
