@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
 	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --require-hashes --compile-bytecode -r requirements.lock
 	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 # The lock: pyproject's dependencies and the test extra, with constraints.txt's pins, for Python
