@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(BIN)/pip check
 	touch $(STAMP)
 
-# The lock: pyproject's dependencies and the test extra, with constraints.txt's pins, for Python
+# The lock: pyproject's dependencies, every extra and the test extra, with constraints.txt's pins, for Python
 # 3.11 on x86_64 Linux, resolved from PyPI with every file's hash.
 lock:
-	$(BIN)/python -m uv pip compile pyproject.toml --extra test -c constraints.txt --python-version 3.11 \
+	$(BIN)/python -m uv pip compile pyproject.toml --extra all --extra test -c constraints.txt --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --generate-hashes --quiet -o requirements.lock
 
 demo: $(STAMP)

@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mlflow run {result.run_id} in {result.tracking_uri}")
         elif args.command == "demo":
             from diffplat.demo import run_demo
+            from diffplat.extras import EXTRAS, require
 
+            require(EXTRAS, "the demo")  # it runs every stage, the API and the dashboard
             run_demo(args.output, args.overrides)
         elif args.command == "ic-lora-infer":
             from diffplat.infer.panels import fill_command
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             for path in fill_command(args):
                 print(path)
         elif args.command == "serve":
+            from diffplat.extras import require
+
+            require(["serve"], "diffplat serve")
             from diffplat.demo import demo_config_path
             from diffplat.serving.app import serve_forever
 
@@ -170,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             done = result.outputs["generate"]
             print(f"{done['images']} images in {done['folder']}")
         elif args.command == "mlflow":
+            from diffplat.extras import require
+
+            require(["tracking-server"], "diffplat mlflow")
             from diffplat.dashboard import serve_dashboard
 
             return serve_dashboard(args.workdir, args.host, args.port)

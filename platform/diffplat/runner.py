@@ -237,8 +237,10 @@ def _log_sheet(images: Path, out: Path, columns: int = 4, thumb_width: int = 256
 
 
 def run_job(config: JobConfig, workdir: str | Path = ".", job_file: str | Path | None = None) -> JobResult:
+    from diffplat.extras import require_for_stages
     from diffplat.preflight import check_job_paths
 
+    require_for_stages(config.stages())  # an optional part not installed: one line, before anything
     work = Workdir(Path(workdir).resolve())
     check_job_paths(config, work.path, job_file)  # before Ray or MLflow start: a wrong path is one line
     work.root.mkdir(parents=True, exist_ok=True)

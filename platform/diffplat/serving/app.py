@@ -448,6 +448,10 @@ def compose(settings: ServeConfig, options: dict[str, dict] | None = None) -> Ap
                               f"{settings.api_key_env} (api_key_env) is missing or empty where the application is "
                               f"built; set it, or set `auth: none` for an open API on 127.0.0.1")  # fmt: skip
         key_hash = _key_hash(key)
+    if settings.detector:
+        from diffplat.extras import require
+
+        require(["detect"], f"the Serve config's detector ({settings.detector})")
     handles = {
         "generator": bound(Generator, "Generator"),
         "filler": bound(PanelFiller, "PanelFiller") if settings.inpaint_model else None,
