@@ -6,7 +6,6 @@ config."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,17 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pictures(folder: Path, count: int) -> Path:
@@ -75,7 +70,7 @@ def _stop_nodes(temp_dirs: list[Path]) -> list[int]:
 def _node_ports() -> list[str]:
     # Every port of its own: the agents' defaults (52365, ...) are taken while this session's Ray
     # runs, and a node whose job agent cannot bind answers every submission "no available agent".
-    return [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "runtime-env-agent-port", "metrics-export-port",
                                                     "node-manager-port", "object-manager-port")]  # fmt: skip
 
@@ -85,7 +80,7 @@ def cluster():
     """A head (token authentication, Ray 2.60's default for `ray start`) and a second node
     joined to it: (dashboard address, environment of a client of it, the head's temp dir)."""
     dirs = [Path(tempfile.mkdtemp(prefix=p, dir="/tmp")) for p in ("rh", "rw")]  # short: socket paths have a limit
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `diffplat` is this environment's
     # the HTTP API's key in the cluster's environment: serve/diffplat.yaml (auth: key) refuses to build without it
     env["DIFFPLAT_API_KEY"] = "a-key-for-this-test"
@@ -96,7 +91,7 @@ def cluster():
         head = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
                                "--temp-dir", str(dirs[0]), "--disable-usage-stats",
-                               f"--ray-client-server-port={_free_port()}", *_node_ports()],
+                               f"--ray-client-server-port={free_port()}", *_node_ports()],
                               env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
         assert head.returncode == 0, head.stderr[-3000:]
         node = subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address",

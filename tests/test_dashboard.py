@@ -13,14 +13,10 @@ import urllib.request
 
 import pytest
 from PIL import Image
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -38,7 +34,7 @@ def test_a_job_logs_to_the_dashboard_and_reads_back_over_rest(tmp_path, local_ra
     from diffplat.config import parse_config
     from diffplat.runner import run_job
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "diffplat.cli", "mlflow", "--workdir", str(tmp_path / "board"),
                                "--port", str(port)], start_new_session=True, stderr=subprocess.PIPE, text=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -102,7 +98,7 @@ def test_the_dashboard_stops_its_server_on_a_signal(tmp_path, sig):
     server it started stops with it, every process of it, and the port is free again."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     board = subprocess.Popen([sys.executable, "-m", "diffplat.cli", "mlflow", "--workdir", str(tmp_path), "--port",
                               str(port)], start_new_session=True, stderr=subprocess.DEVNULL)  # fmt: skip
     family = [psutil.Process(board.pid)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffplat.aitoolkit import AI_TOOLKIT_FLUX_TARGETS
 from diffplat.config import TrainConfig
 from diffplat.models.families import FamilyError, family_of
 from diffplat.train.objectives import OBJECTIVES
@@ -73,11 +74,9 @@ def test_the_fill_input_is_what_flux_fill_pipeline_feeds_its_transformer(tiny_fl
     torch.testing.assert_close(pack(ours), theirs)
 
 
-AI_TOOLKIT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
-                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
-def _trained_lora(base, folder, targets=AI_TOOLKIT_TARGETS):
+def _trained_lora(base, folder, targets=AI_TOOLKIT_FLUX_TARGETS):
     torch.manual_seed(0)
     config = TrainConfig(base_model=str(base), data="unused", max_train_steps=1, resolution=(64, 64),
                          lora={"rank": 4, "alpha": 4, "target_modules": list(targets)})  # fmt: skip

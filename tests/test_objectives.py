@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffplat.aitoolkit import AI_TOOLKIT_FLUX_TARGETS
 from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
 from diffplat.train.objectives import OBJECTIVES
@@ -28,9 +29,6 @@ def _batch(layout: str | None, size=(128, 64)):
 
 # Attention and feed-forward layers: on a UNet this small, attention alone learns slowly.
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-# ai-toolkit's FLUX set: every linear of the double and single blocks' attention and MLPs
-FLUX_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
-                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 def _losses(objective, batch, steps: int, lr: float) -> list[float]:
@@ -58,7 +56,7 @@ def _losses(objective, batch, steps: int, lr: float) -> list[float]:
 ])  # fmt: skip
 def test_loss_falls_on_a_fixed_batch(kind, mode, model, request):
     torch.manual_seed(0)
-    targets = FLUX_TARGETS if "flux" in model else TARGETS
+    targets = AI_TOOLKIT_FLUX_TARGETS if "flux" in model else TARGETS
     config = TrainConfig(kind=kind, base_model=str(request.getfixturevalue(model)), data="unused", max_train_steps=1,
                          resolution=(128, 64), lora={"rank": 8, "alpha": 8, "target_modules": targets},
                          ic_lora={"mode": mode or "masked", "mask_probability": 1.0},

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from PIL import Image
 from diffplat.data import bdd
 from diffplat.data.composites import Layout, make_composite
 from diffplat.models.lora import INFO_NAME
-from helpers import make_lora
+from helpers import free_port, make_lora
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,11 +34,6 @@ def _b64(image: Image.Image, fmt: str = "PNG") -> str:
     image.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def server(tmp_path_factory, tiny_sdxl, tiny_sdxl_inpaint, local_ray):
     # a queue of 4: right after a burst the router may still count a busy replica and queue a few requests
     overrides["Generator"].update(max_ongoing_requests=4, max_queued_requests=4)
     os.environ["DIFFPLAT_TEST_KEY"] = KEY  # read where the app is built: only its hash reaches the replicas
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose(resolve_settings(args, work), overrides), name="diffplat-test", route_prefix="/")
     session = requests.Session()

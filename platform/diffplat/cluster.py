@@ -35,6 +35,11 @@ def init_options(address: str | None, num_cpus: int | None = None, dashboard: bo
     }
 
 
+def starts_own_ray(options: dict) -> bool:
+    """Whether `init_options`' result starts a Ray of this process's own (which it then stops)."""
+    return options.get("address") == "local"
+
+
 # Ray Train's settings for a Ray of our own, on one machine: nothing there can be preempted (the
 # watcher only adds an actor and a warning line), and a 2 s status poll, Ray's default for big
 # groups, is a tenth of a short run's whole time (it is paid twice as a run ends).

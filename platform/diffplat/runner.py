@@ -66,7 +66,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     import ray.data
 
     from diffplat import console
-    from diffplat.cluster import init_options, settle_on_one_machine
+    from diffplat.cluster import init_options, settle_on_one_machine, starts_own_ray
 
     console.setup(config.verbose)
     if ray.is_initialized():
@@ -74,7 +74,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
         return
     options = init_options(config.address, config.num_cpus, config.dashboard)
-    if options.get("address") == "local":
+    if starts_own_ray(options):
         settle_on_one_machine()
     ray.init(**options, log_to_driver=True, **console.ray_init_options(config.verbose))
     if not config.verbose:

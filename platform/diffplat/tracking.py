@@ -287,15 +287,14 @@ def register_adapter(folder: Path, name: str, alias: str | None, tags: dict[str,
     `tags` (kind, base model, dataset), and point `alias` at it. Returns `models:/<name>/<version>`."""
     import contextlib
     import io
-    import json
     import warnings
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    info = json.loads((Path(folder) / "adapter_info.json").read_text()) if (Path(folder) / "adapter_info.json").is_file() else {}
-    weights = next((p.name for p in sorted(Path(folder).glob("*.safetensors"))
-                    if p.name in ("pytorch_lora_weights.safetensors", f"{Path(folder).name}.safetensors")), None)  # fmt: skip
+    from diffplat.models.lora import adapter_info, weights_name
+
+    info, weights = adapter_info(folder), weights_name(Path(folder))
     model_config = {"kind": info.get("kind", tags.get("diffplat.kind", "lora")),
                     "base_model": info.get("base_model", tags.get("diffplat.base_model", "")),
                     "weight_name": weights}  # fmt: skip

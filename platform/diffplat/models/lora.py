@@ -22,6 +22,14 @@ class LoraFileError(ValueError):
     """A LoRA path that cannot be loaded: a pickle, or a folder without weights."""
 
 
+def weights_name(folder: Path) -> str | None:
+    """The LoRA file of an adapter folder: diffplat's, or ai-toolkit's <name>.safetensors."""
+    for name in (WEIGHTS_NAME, f"{folder.name}.safetensors"):
+        if (folder / name).is_file():
+            return name
+    return None
+
+
 def lora_location(path: str) -> tuple[str, str | None]:
     """(folder or hub id, weight file name) for `load_lora_weights`; a training output folder,
     a `checkpoint-N` folder, or a .safetensors file. Pickled files are refused, not loaded."""
@@ -40,8 +48,8 @@ def lora_location(path: str) -> tuple[str, str | None]:
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
             return str(p), found[0].name
-        if (p / f"{p.name}.safetensors").is_file():  # ai-toolkit's output: <name>/<name>.safetensors + step saves
-            return str(p), f"{p.name}.safetensors"
+        if weights_name(p):  # ai-toolkit's output: <name>/<name>.safetensors + step saves
+            return str(p), weights_name(p)
         raise LoraFileError(f"{path}: no {WEIGHTS_NAME} (nor one other .safetensors file) in this folder")
     if not p.is_dir() and (p.is_absolute() or path.startswith(".") or path.count("/") != 1):
         raise LoraFileError(f"{path}: no such LoRA file or folder")

@@ -17,7 +17,7 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from diffplat.models.lora import WEIGHTS_NAME, adapter_info
+from diffplat.models.lora import adapter_info, weights_name
 from diffplat.tracking import fetch_adapter, is_mlflow_ref, pinned_ref
 
 log = logging.getLogger("diffplat")
@@ -29,20 +29,12 @@ class UnknownAdapter(ValueError):
     pass
 
 
-def weights_file(folder: Path) -> str | None:
-    """The LoRA file of a registry folder: diffplat's, or ai-toolkit's <name>.safetensors."""
-    for name in (WEIGHTS_NAME, f"{folder.name}.safetensors"):
-        if (folder / name).is_file():
-            return name
-    return None
-
-
 def registry_names(registry: str | None, family: str | None = None) -> list[str]:
     """The adapters a request may name: with `family`, those trained on it (or of no recorded family)."""
     if not registry or not Path(registry).is_dir():
         return []
     return sorted(p.name for p in Path(registry).iterdir()
-                  if weights_file(p) and adapter_info(str(p)).get("family", family) == family)  # fmt: skip
+                  if weights_name(p) and adapter_info(str(p)).get("family", family) == family)  # fmt: skip
 
 
 def check_name(name: str, registry: str | None, family: str | None = None) -> None:
@@ -110,7 +102,7 @@ class AdapterCache:
         self._attempts += 1
         internal = f"a{self._attempts}"  # a fresh name even after a failed load
         try:
-            self.pipe.load_lora_weights(str(folder), weight_name=weights_file(folder), adapter_name=internal)
+            self.pipe.load_lora_weights(str(folder), weight_name=weights_name(folder), adapter_name=internal)
         except Exception as err:  # shapes or keys that do not fit this base model, a corrupt file
             try:
                 self.pipe.delete_adapters(internal)  # whatever part of it was loaded

@@ -490,7 +490,7 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
 
     import ray
 
-    from diffplat.cluster import init_options
+    from diffplat.cluster import init_options, starts_own_ray
 
     args, options, http = read_serve_config(path)
     try:
@@ -500,7 +500,7 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
     app = compose(settings, options)  # before Ray starts: a missing API key is one line, at once
     host, port = http.get("host", "127.0.0.1"), port or http.get("port", 8000)
     options_ray = init_options(None, num_cpus)
-    own = options_ray.get("address") == "local"  # else a cluster's (RAY_ADDRESS): leave its Serve running
+    own = starts_own_ray(options_ray)  # else a cluster's (RAY_ADDRESS): leave its Serve running
     ray.init(**options_ray, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="diffplat", route_prefix="/")
