@@ -51,6 +51,7 @@ def _losses(objective, batch, steps: int, lr: float) -> list[float]:
     ("ic_lora", "masked", "tiny_sdxl_inpaint"),
     ("ic_lora", "composite", "tiny_sdxl"),
     ("controlnet", None, "tiny_sdxl"),
+    ("full", None, "tiny_sdxl"),
     ("lora", None, "tiny_flux"),
     ("ic_lora", "masked", "tiny_flux_fill"),
 ])  # fmt: skip
@@ -62,9 +63,9 @@ def test_loss_falls_on_a_fixed_batch(kind, mode, model, request):
                          ic_lora={"mode": mode or "masked", "mask_probability": 1.0},
                          max_sequence_length=64)  # fmt: skip
     objective = OBJECTIVES[kind](config, torch.device("cpu"))
-    # a whole ControlNet trains; a LoRA's few weights take a larger step
+    # a whole ControlNet (or UNet) trains; a LoRA's few weights take a larger step
     losses = _losses(objective, _batch("2x2" if kind == "ic_lora" else None), steps=40,
-                     lr=1e-3 if kind == "controlnet" else 1e-2)
+                     lr=1e-3 if kind in ("controlnet", "full") else 1e-2)
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -7,7 +7,8 @@ needs diffusers, not diffplat, to load and run.
 `load_context` loads the base model the adapter was trained on (`model_config.base_model`: a hub
 id, or a folder the loading machine sees) with the adapter in stock diffusers: a LoRA
 (`kind: lora`) on the text-to-image pipeline, an In-Context LoRA (`ic_lora`) on the inpainting
-pipeline, a ControlNet (`controlnet`) beside the base. `predict` takes rows (a DataFrame, or a
+pipeline, a ControlNet (`controlnet`) beside the base; a full fine-tune (`full`) is the whole
+model and loads alone. `predict` takes rows (a DataFrame, or a
 list of dicts) with a `prompt`; `ic_lora` rows also carry `image` and `mask` (base64), and
 `controlnet` rows the `image` to follow.
 """
@@ -31,7 +32,9 @@ class DiffusersAdapter(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if device == "cuda" else torch.float32
         base = config["base_model"]
-        if self.kind == "controlnet":
+        if self.kind == "full":  # a whole fine-tuned model: the artifact is the pipeline itself
+            self.pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype)
+        elif self.kind == "controlnet":
             net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
             self.pipe = AutoPipelineForText2Image.from_pretrained(base, controlnet=net, torch_dtype=dtype)
         else:

@@ -115,7 +115,9 @@ class BucketSettings(_Strict):
 
 
 class TrainConfig(_Strict):
-    kind: Literal["lora", "ic_lora", "controlnet"] = "lora"
+    # full: every weight of the denoiser (diffusers' train_text_to_image_sdxl.py); the output is a
+    # whole model, the base's other parts beside the trained denoiser
+    kind: Literal["lora", "ic_lora", "controlnet", "full"] = "lora"
     base_model: str = Field(description="hub id or local folder of an SDXL or FLUX.1 pipeline")
     vae: str | None = Field(None, description="a VAE to use instead of the base model's, e.g. an fp16-safe one")
     variant: str | None = None
@@ -188,8 +190,8 @@ class TrainConfig(_Strict):
             raise ValueError("give one of max_train_steps and num_train_epochs")
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules, e.g. '1:10,0.1:20,0.01'")
-        if self.train_text_encoder and self.kind == "controlnet":
-            raise ValueError("train_text_encoder: a ControlNet trains with the text encoders frozen; use kind lora")
+        if self.train_text_encoder and self.kind in ("controlnet", "full"):
+            raise ValueError(f"train_text_encoder: kind {self.kind} trains with the text encoders frozen; use kind lora")
         if self.cache and self.train_text_encoder:
             raise ValueError("cache: train_text_encoder trains the text encoders, so the embeddings cannot come "
                              "from a cache; drop one of the two")  # fmt: skip

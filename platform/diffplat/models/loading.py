@@ -6,6 +6,7 @@ A local folder loads with `local_files_only=True`; weights load from safetensors
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,35 @@ def load_vae(base_model: str, vae: str | None, variant: str | None = None):
     if vae:  # a standalone VAE folder or hub id, e.g. an fp16-safe SDXL VAE
         return AutoencoderKL.from_pretrained(vae, **source_kwargs(vae))
     return AutoencoderKL.from_pretrained(base_model, subfolder="vae", **source_kwargs(base_model, variant))
+
+
+def local_folder(model: str) -> str:
+    """A hub id's snapshot (from the hub cache when offline), or the folder itself."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1",
+                             allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"])  # fmt: skip
+
+
+def complete_model(folder: Path, base_model: str, trained: str, vae: str | None = None) -> None:
+    """Make `folder`, which holds a fully fine-tuned `trained` component (e.g. unet/), a whole
+    model: the base's other components beside it (the VAE trained with, if one was given), so
+    the result loads as any base_model does."""
+    import shutil
+
+    base = Path(local_folder(base_model))
+    for entry in base.iterdir():
+        if entry.name in (trained, "adapter_info.json") or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, folder / entry.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, folder / entry.name)
+    if vae:
+        shutil.rmtree(folder / "vae", ignore_errors=True)
+        shutil.copytree(local_folder(vae), folder / "vae", ignore=shutil.ignore_patterns(".*"))
 
 
 def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32,

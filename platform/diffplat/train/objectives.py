@@ -176,6 +176,23 @@ class DiffusionObjective:
         """Images made with the adapter as it is now (empty: nothing to draw)."""
         raise NotImplementedError
 
+    def prompted_images(self, module) -> list:
+        """The validation prompts through the text-to-image pipeline with the denoiser being
+        trained, fixed seeds (none without prompts)."""
+        v = self.config.validation
+        if not v.prompts:
+            return []
+        pipe = self._pipeline("text", **{self.family.denoiser: denoiser_of(module)})
+        width, height = v.resolution or self.config.resolution
+        return [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
+                     guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
+                for i, prompt in enumerate(v.prompts)]  # fmt: skip
+
+    def prompted_grid(self, images: list):
+        from diffplat.pictures import grid
+
+        return grid(images, columns=4, thumb_width=max(256, images[0].width))
+
     def grid(self, images: list):
         """The validation images as one picture."""
         raise NotImplementedError
@@ -248,20 +265,10 @@ class LoraObjective(DiffusionObjective):
         return self._module
 
     def validation_images(self, module) -> list:
-        """The validation prompts, fixed seeds (none without prompts)."""
-        v = self.config.validation
-        if not v.prompts:
-            return []
-        pipe = self._pipeline("text", **{self.family.denoiser: denoiser_of(module)})
-        width, height = v.resolution or self.config.resolution
-        return [pipe(prompt, width=width, height=height, num_inference_steps=v.num_inference_steps,
-                     guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
-                for i, prompt in enumerate(v.prompts)]  # fmt: skip
+        return self.prompted_images(module)
 
     def grid(self, images: list):
-        from diffplat.pictures import grid
-
-        return grid(images, columns=4, thumb_width=max(256, images[0].width))
+        return self.prompted_grid(images)
 
     def made_how(self) -> dict:
         """What adapter_info.json records besides the step and the metrics."""
@@ -426,15 +433,56 @@ class ControlNetObjective(DiffusionObjective):
 
     def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
         """A diffusers `save_pretrained` folder (safetensors) + adapter_info.json."""
-        import json
-
-        from diffplat.fileio import replace_dir
-        from diffplat.models.lora import INFO_NAME
-
-        with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            (tmp / INFO_NAME).write_text(json.dumps({**self.made_how(), **info}, indent=2, default=str) + "\n")
-        return Path(folder)
+        return save_pretrained_folder(model, folder, {**self.made_how(), **info})
 
 
-OBJECTIVES = {"lora": LoraObjective, "ic_lora": IcLoraObjective, "controlnet": ControlNetObjective}
+class FullObjective(DiffusionObjective):
+    """A full fine-tune of the denoiser (diffusers' train_text_to_image_sdxl.py): every weight of
+    the UNet (or FLUX transformer) trains, the text encoders and VAE stay frozen. A checkpoint
+    holds the denoiser's folder; the trainer writes train.output as a whole model (the base's
+    other parts beside the trained denoiser), which any stage then takes as its base_model."""
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__(config, device)
+        denoiser = self.parts.denoiser
+        denoiser.requires_grad_(True).train()
+        if config.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.to(device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.parts.denoiser
+
+    def validation_images(self, module) -> list:
+        return self.prompted_images(module)
+
+    def grid(self, images: list):
+        return self.prompted_grid(images)
+
+    def made_how(self) -> dict:
+        return {"kind": "full", "family": self.family.name, "prediction_type": self.prediction_type,
+                "max_token_length": self.config.max_token_length, "use_ema": self.config.use_ema,
+                "proportion_empty_prompts": self.config.proportion_empty_prompts}  # fmt: skip
+
+    def save(self, model: torch.nn.Module, folder: Path, info: dict) -> Path:
+        """The denoiser's `save_pretrained` folder under its pipeline name + adapter_info.json."""
+        return save_pretrained_folder(model, folder, {**self.made_how(), **info}, within=self.family.denoiser)
+
+
+def save_pretrained_folder(model: torch.nn.Module, folder: Path, info: dict, within: str = "") -> Path:
+    """`model.save_pretrained` (safetensors) into `folder`/`within`, and adapter_info.json, replacing
+    `folder` atomically."""
+    import json
+
+    from diffplat.fileio import replace_dir
+    from diffplat.models.lora import INFO_NAME
+
+    with replace_dir(Path(folder), "adapter", (INFO_NAME,)) as tmp:
+        model.save_pretrained(tmp / within, safe_serialization=True)
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return Path(folder)
+
+
+OBJECTIVES = {"lora": LoraObjective, "ic_lora": IcLoraObjective, "controlnet": ControlNetObjective,
+              "full": FullObjective}  # fmt: skip

@@ -216,6 +216,11 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     with replace_dir(output, "adapter", ADAPTER_SIGNS) as tmp:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+        if config.kind == "full":  # the trained denoiser, with the base's other parts: a whole model
+            from diffplat.models.families import family_of
+            from diffplat.models.loading import complete_model
+
+            complete_model(tmp, config.base_model, family_of(config.base_model).denoiser, config.vae)
         if config.ai_toolkit_layout:
             _ai_toolkit_layout(tmp, config, result, tracking_uri, run_id)
     metrics = dict(result.metrics or {})
