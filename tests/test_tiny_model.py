@@ -66,3 +66,34 @@ def test_tiny_model_is_reproducible(tmp_path):
     a, b = build_tiny_pipeline("sdxl", seed=3), build_tiny_pipeline("sdxl", seed=3)
     for (name, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir):
+    """`tiny-model --fit-vae`: the VAE learns the images (the corrupt one is passed over), and
+    its scaling_factor gives latents of unit variance."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from diffplat.data.images import readable_images
+    from diffplat.models.tiny import tiny_vae
+
+    out = tmp_path / "fitted"
+    subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out), "--fit-vae", str(bdd_dir / "images"),
+                    "--fit-steps", "150"], check=True, timeout=300)  # fmt: skip
+    images, bad = readable_images(bdd_dir / "images")
+    assert bad == 1 and len(images) == 12
+    pixels = torch.tensor(np.stack([np.asarray(im.resize((128, 64))) for im in images]))
+    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def error(vae):
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+            return torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item(), latents
+
+    fitted, latents = error(AutoencoderKL.from_pretrained(out, subfolder="vae"))
+    torch.manual_seed(0)
+    random, _ = error(tiny_vae())
+    assert fitted < 0.3 * random, (fitted, random)
+    scale = AutoencoderKL.load_config(out, subfolder="vae")["scaling_factor"]
+    assert abs(float((latents * scale).std()) - 1) < 0.05

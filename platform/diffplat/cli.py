@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--kind", choices=["sdxl", "sdxl-inpaint", "controlnet", "flux", "flux-fill"], default="sdxl")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--fit-vae", dest="fit_vae", default=None, metavar="IMAGES",
+                      help="a folder of images the VAE first learns to reconstruct (so pictures are readable)")
+    tiny.add_argument("--fit-steps", dest="fit_steps", type=int, default=300)
     return parser
 
 
@@ -184,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tiny-model":
             from diffplat.models.tiny import write_tiny_model
 
-            print(write_tiny_model(args.out, args.kind, args.seed))
+            images = None
+            if args.fit_vae:
+                from diffplat.data.images import readable_images
+
+                images, bad = readable_images(args.fit_vae)
+                if not images:
+                    raise ConfigError(f"--fit-vae {args.fit_vae}: no readable image there ({bad} could not be read)")
+            print(write_tiny_model(args.out, args.kind, args.seed, images, args.fit_steps))
     except ConfigError as err:
         print(f"diffplat: {err}", file=sys.stderr)
         return 2

@@ -57,3 +57,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[bytes, Imag
         raise BadImage("image over the pixel limit", str(err)) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise BadImage("corrupt image", str(err)) from None
+
+
+def readable_images(folder: str | Path) -> tuple[list[Image.Image], int]:
+    """The images of a folder that decode (name order), and how many did not."""
+    from diffplat.pictures import list_images
+
+    images, bad = [], 0
+    for path in list_images(Path(folder)):
+        try:
+            images.append(read_image(path)[1])
+        except BadImage:
+            bad += 1
+    return images, bad
