@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from diffplat.config import PrepareConfig
+from diffplat.config import ConfigError, PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.prepare import NothingUsable, prepare, prepare_bdd
 
@@ -140,6 +140,16 @@ def test_prepare_writes_what_source_4_wrote_and_a_yolo_dataset(bdd_dir, tmp_path
     again = prepare(PrepareConfig(source="folder", folder={"csv": str(data / "bdd_hf_dataset_lora_train.csv")},
                                   output=str(data.parent / "again")), Path)  # fmt: skip
     assert again["rows_written"] == report["rows_written"] and again["source"] == "folder:csv"
+
+
+def test_where_keeps_the_frames_of_one_time_of_day(bdd_dir, tmp_path):
+    report = _prepare(bdd_dir, tmp_path / "data", where={"timeofday": ["night"]})
+    rows = pq.read_table(sorted((tmp_path / "data" / "shards").glob("*.parquet"))).to_pylist()
+    assert rows and all(", at night," in r["caption"] for r in rows)
+    assert report["left_out_by_where"] == report["images_found"] - len(rows) > 0
+    with pytest.raises(ConfigError, match=r"where keeps no image: timeofday is one of \['nite'\], but the labels "
+                                          r"have dawn/dusk, daytime, night"):  # fmt: skip
+        _prepare(bdd_dir, tmp_path / "other", where={"timeofday": ["nite"]})
 
 
 def test_prepare_fails_when_nothing_is_usable(bdd_dir, tmp_path):

@@ -15,6 +15,9 @@ class BddSource(_Strict):
     seg_masks: str | None = Field(None, description="folder of semantic masks, train ids 0-18, 255 = ignore")
     caption_template: str = Field("a driving scene {scene}, {time}, {weather}, with {objects}", description=(
         "fields {scene} {time} {weather} {objects}; a part between commas whose fields are all empty is left out"))
+    where: dict[Literal["timeofday", "weather", "scene"], list[str]] = Field(default_factory=dict, description=(
+        "only frames whose label attributes take one of these values, BDD's own, e.g. {timeofday: [night]} or "
+        "{weather: [rainy, snowy]}; images without a label record are then left out"))
 
     @field_validator("caption_template")
     @classmethod

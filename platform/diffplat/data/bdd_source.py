@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from diffplat.config import PrepareConfig
+from diffplat.config import ConfigError, PrepareConfig
 from diffplat.data import bdd
 from diffplat.data.images import BadImage, png_bytes, read_image
 from diffplat.data.shard_job import Skip
@@ -57,6 +57,19 @@ def bdd_row(item: dict, prefix: str, max_pixels: int) -> dict:
         raise Skip("no caption source (no label record and no usable mask)", item["name"])
     return {"id": item["id"], "image": data, "caption": caption, "width": width, "height": height, "source": source,
             "conditioning": png_bytes(bdd.colorize_mask(mask), flat=True) if mask is not None else None, "warnings": warnings}  # fmt: skip
+
+
+def select_frames(images: list[Path], frames: dict[str, bdd.FrameLabels], where: dict[str, list[str]]) -> list[Path]:
+    """The images whose label record matches every attribute of `where` (all of them if it is
+    empty). A `where` that keeps nothing is an error listing the values the labels do have."""
+    if not where:
+        return images
+    kept = [p for p in images if (f := frames.get(p.name)) and all(getattr(f, k) in v for k, v in where.items())]
+    if not kept:
+        seen = {k: sorted({str(getattr(f, k)) for f in frames.values()}) for k in where}
+        raise ConfigError("prepare.bdd.where keeps no image: " + "; ".join(
+            f"{k} is one of {where[k]}, but the labels have {', '.join(seen[k]) or 'no records'}" for k in where))
+    return kept
 
 
 def list_bdd(config: PrepareConfig, resolve) -> tuple[list[Path], dict[str, bdd.FrameLabels], list[str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffplat.config import PrepareConfig
 from diffplat.data.bdd_exports import Labelled, write_source4_exports
-from diffplat.data.bdd_source import bdd_items, bdd_row, list_bdd
+from diffplat.data.bdd_source import bdd_items, bdd_row, list_bdd, select_frames
 from diffplat.data.composite_source import Skips, composite_items, composite_row
 from diffplat.data.folder_source import folder_items, folder_row
 from diffplat.data.images import BadImage
@@ -181,6 +181,8 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
     """BDD images + labels + masks -> shards, index files and source 4's exports."""
     out = resolve(config.output)
     images, frames, bad_records = list_bdd(config, resolve)
+    found = len(images)
+    images = select_frames(images, frames, config.bdd.where)
     skips = Skips()
     for message in bad_records:
         skips.add("bad label record", message)
@@ -192,7 +194,8 @@ def prepare_bdd(config: PrepareConfig, resolve) -> dict:
     rows = list(built.rows())
     report = {
         "source": "bdd",
-        "images_found": len(images),
+        "images_found": found,
+        **({"left_out_by_where": found - len(images)} if config.bdd.where else {}),
         "rows_by_caption_source": dict(Counter(r["source"] for r in rows)),
         "with_conditioning": sum(r["conditioning"] for r in rows),
         "unknown_categories": dict(unknown),
