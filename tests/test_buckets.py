@@ -54,7 +54,6 @@ def test_rows_are_cropped_to_their_bucket_and_batched_by_it():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_training_on_two_shapes_with_derived_buckets(tmp_path, tiny_sdxl, local_ray):
     from diffplat.config import parse_config
     from diffplat.runner import run_job

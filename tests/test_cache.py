@@ -18,7 +18,6 @@ from diffplat.data.cache import CACHE_INFO, EMPTY_PROMPT, SCHEMA, Encoder, rows_
 from diffplat.runner import run_job
 from diffplat.train.objectives import OBJECTIVES
 
-pytestmark = pytest.mark.timeout(300)
 
 # Random crops and flips, two-window captions: what a cached row must reproduce exactly.
 GEOMETRY = {"resolution": [64, 64], "center_crop": False, "random_flip": True, "seed": 3, "max_token_length": 150}

@@ -15,7 +15,6 @@ from diffplat.data import bdd
 from diffplat.data.prepare import prepare
 from diffplat.runner import run_job
 
-pytestmark = pytest.mark.timeout(600)
 
 ROAD, SKY, CAR = (bdd.SEG_CLASSES.index(c) for c in ("road", "sky", "car"))
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from helpers import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.slow
 
 
 

@@ -62,7 +62,6 @@ def _job(root, **evaluate):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
 def test_variants_train_in_parallel_and_the_report_is_ultralytics_own_validation(sets, tmp_path, local_ray):
     from ultralytics import YOLO
 

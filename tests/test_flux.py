@@ -13,7 +13,6 @@ from diffplat.config import TrainConfig
 from diffplat.models.families import FamilyError, family_of
 from diffplat.train.objectives import OBJECTIVES
 
-pytestmark = pytest.mark.timeout(300)
 
 
 def test_the_family_is_read_from_model_index(tiny_sdxl, tiny_sdxl_inpaint, tiny_flux, tiny_flux_fill, tmp_path):
@@ -113,7 +112,6 @@ def test_a_flux_lora_loads_in_stock_flux_pipeline(tiny_flux, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_bulk_generation_on_flux_with_a_lora(tmp_path, tiny_flux, local_ray):
     """The generate stage on a FLUX base: text-to-image with a FLUX LoRA at its scale, sizes in
     16 px steps. (FLUX training on 2 workers under ZeRO-2 runs in test_aitoolkit.py; the In-Context

@@ -11,7 +11,6 @@ from diffplat.config import parse_config
 from diffplat.runner import run_job
 from helpers import make_lora
 
-pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +121,6 @@ def test_several_loras_each_with_its_scale_as_stock_diffusers_mixes_them(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_a_bulk_run_killed_midway_goes_on_where_it_stopped(tmp_path, tiny_sdxl):
     """2 replicas, 16 images; the whole process group killed once images appear; the same
     command again makes only the missing ones: every index exactly once."""

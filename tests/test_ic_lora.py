@@ -17,7 +17,6 @@ from diffplat.data.composites import Layout, make_composite
 from diffplat.runner import run_job
 from helpers import make_lora
 
-pytestmark = pytest.mark.timeout(600)
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 

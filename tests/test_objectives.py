@@ -11,7 +11,6 @@ from diffplat.config import TrainConfig
 from diffplat.data.composites import Layout, panel_mask
 from diffplat.train.objectives import OBJECTIVES
 
-pytestmark = pytest.mark.timeout(300)
 
 
 def _batch(layout: str | None, size=(128, 64)):

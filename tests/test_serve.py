@@ -24,7 +24,6 @@ from diffplat.data.composites import Layout, make_composite
 from diffplat.models.lora import INFO_NAME
 from helpers import free_port, make_lora
 
-pytestmark = pytest.mark.timeout(600)
 
 KEY = "test-key-0123456789"
 

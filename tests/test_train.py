@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from diffplat.config import parse_config
 from diffplat.runner import run_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.slow
 
 
 def test_one_worker_zero0_accumulation_and_checkpoints(tmp_path, tiny_sdxl, bdd_dir, local_ray):
