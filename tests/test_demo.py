@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -341,6 +342,28 @@ def test_ic_lora_infer_takes_the_adapter_by_its_alias_in_mlflow(demo, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         filled.append(np.asarray(Image.open(tmp_path / str(i) / "composite-00000_output_0.png")))
     assert np.array_equal(filled[0], filled[1])
+
+
+def test_a_job_generates_with_an_adapter_named_by_its_registry_alias(demo, tmp_path):
+    """`generate.lora: models:/demo-lora@demo` in a job file, run with `diffplat run` in the demo's
+    folder: the alias is read once, the version fetched, and the stage run tagged with it."""
+    import mlflow
+
+    out = demo[0]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "from-registry", "generate": {
+        "base_model": "base-model", "lora": "models:/demo-lora@demo", "prompts": ["a road at night"],
+        "num_generations": 2, "resolution": [128, 64], "num_inference_steps": 2, "output": str(tmp_path / "gen")}}))
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "run", str(job), "--workdir", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("demo-lora", "demo").version
+    assert f"adapter models:/demo-lora@demo is models:/demo-lora/{version}" in proc.stderr
+    assert len(list((tmp_path / "gen" / "images").glob("*.png"))) == 2
+    run = client.search_runs([client.get_experiment_by_name("diffplat").experiment_id],
+                             filter_string="tags.`diffplat.stage` = 'generate'", order_by=["attributes.start_time DESC"])[0]  # fmt: skip
+    assert run.data.tags["diffplat.adapter.models:/demo-lora_demo"] == f"models:/demo-lora/{version}"
 
 
 # --- the ControlNet leg (demo_controlnet.yaml: BDD masks -> a ControlNet on 2 workers) ----------------

@@ -219,8 +219,10 @@ def _adapter(ref: str, work: Workdir, uri: str) -> str:
     """An adapter a job names: `runs:/...` and `models:/...` are fetched from MLflow into the work
     folder once (per version), then read like any folder; anything else as a model path."""
     if tracking.is_mlflow_ref(ref):
-        folder = tracking.fetch_adapter(ref, work.root / ".diffplat" / "adapters", uri)
-        log.info("generate: adapter %s is %s", ref, folder)
+        pinned = tracking.pinned_ref(ref, uri)  # an alias, read once: the version this run uses
+        folder = tracking.fetch_adapter(pinned, work.root / ".diffplat" / "adapters", uri)
+        log.info("generate: adapter %s is %s, in %s", ref, pinned, folder)
+        tracking.set_tags({"diffplat.adapter." + tracking.metric_key(ref): pinned})  # which version made it
         return str(folder)
     return work.model(ref)
 
