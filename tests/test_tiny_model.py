@@ -97,3 +97,26 @@ def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir):
     assert fitted < 0.3 * random, (fitted, random)
     scale = AutoencoderKL.load_config(out, subfolder="vae")["scaling_factor"]
     assert abs(float((latents * scale).std()) - 1) < 0.05
+
+
+def test_inpainting_variant_draws_as_its_base_until_trained(tmp_path, tiny_sdxl):
+    """9 input channels, the 5 new ones at zero: whatever the mask and masked image, the UNet's
+    prediction is the base's; stock diffusers loads it as an SDXL inpainting pipeline."""
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    from diffplat.models.inpainting import inpainting_variant
+
+    out = inpainting_variant(str(tiny_sdxl), tmp_path / "inpaint")
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(out, local_files_only=True)
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
+    assert pipe.unet.config.in_channels == 9
+    torch.manual_seed(0)
+    latents, extra = torch.randn(1, 4, 8, 16), torch.randn(1, 5, 8, 16)
+    text, pooled = torch.randn(1, 77, 64), torch.randn(1, 32)
+    cond = {"encoder_hidden_states": text, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.ones(1, 6)}}
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(torch.cat([latents, extra], 1), 10, **cond).sample,
+                                   base(latents, 10, **cond).sample)  # fmt: skip
+    with pytest.raises(ValueError, match="takes 9 input channels, not 4: already an inpainting model"):
+        inpainting_variant(str(out), tmp_path / "again")
