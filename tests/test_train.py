@@ -247,7 +247,7 @@ def test_full_fine_tune_writes_a_whole_model(tmp_path, tiny_sdxl, bdd_dir, local
                   "use_ema": True, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
                   "deepspeed": {"zero_stage": 2}},
     })  # fmt: skip
-    run_job(config, tmp_path)
+    result = run_job(config, tmp_path)
     out = tmp_path / "pretrained"
     info = json.loads((out / "adapter_info.json").read_text())
     assert info["kind"] == "full" and info["step"] == 3
@@ -264,3 +264,11 @@ def test_full_fine_tune_writes_a_whole_model(tmp_path, tiny_sdxl, bdd_dir, local
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a road at night", width=64, height=64, num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                             filter_string="tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
+    # a whole model is GBs at full size: MLflow gets its record, not a copy
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/adapter_info.json"]
+    assert not client.list_artifacts(run.info.run_id, "adapter")

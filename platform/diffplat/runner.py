@@ -129,7 +129,10 @@ def _train(config: JobConfig, work: Workdir, run_id: str, uri: str) -> dict:
     dataset = Path(resolved.cache or resolved.data)
     tracking.log_dataset(dataset, f"{config.name}:{c.cache or c.data}", "training")
     metrics = run_training(resolved, output, uri, run_id, name=f"{config.name}-train", verbose=config.ray.verbose)
-    tracking.log_artifacts(output, "adapter")
+    if c.kind == "full":  # a whole model (GBs at full size): its record only, unless registered below
+        tracking.log_artifacts(output / "adapter_info.json", "model")
+    else:
+        tracking.log_artifacts(output, "adapter")
     out = {"adapter": str(output), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     if config.tracking.register_as:
         tags = {**tracking.run_tags(config), "diffplat.dataset_digest": tracking.shards_digest(dataset)[0]}

@@ -173,12 +173,9 @@ class DiffusionObjective:
         return self._validation_rows
 
     def validation_images(self, module) -> list:
-        """Images made with the adapter as it is now (empty: nothing to draw)."""
-        raise NotImplementedError
-
-    def prompted_images(self, module) -> list:
-        """The validation prompts through the text-to-image pipeline with the denoiser being
-        trained, fixed seeds (none without prompts)."""
+        """Images made with the adapter as it is now (empty: nothing to draw): by default the
+        validation prompts through the text-to-image pipeline with the denoiser being trained,
+        fixed seeds (none without prompts)."""
         v = self.config.validation
         if not v.prompts:
             return []
@@ -188,14 +185,11 @@ class DiffusionObjective:
                      guidance_scale=v.guidance_scale, generator=torch.Generator(self.device).manual_seed(v.seed + i)).images[0]
                 for i, prompt in enumerate(v.prompts)]  # fmt: skip
 
-    def prompted_grid(self, images: list):
+    def grid(self, images: list):
+        """The validation images as one picture."""
         from diffplat.pictures import grid
 
         return grid(images, columns=4, thumb_width=max(256, images[0].width))
-
-    def grid(self, images: list):
-        """The validation images as one picture."""
-        raise NotImplementedError
 
     def validation_grid(self, module):
         images = self.validation_images(module)
@@ -263,12 +257,6 @@ class LoraObjective(DiffusionObjective):
     @property
     def module(self) -> torch.nn.Module:
         return self._module
-
-    def validation_images(self, module) -> list:
-        return self.prompted_images(module)
-
-    def grid(self, images: list):
-        return self.prompted_grid(images)
 
     def made_how(self) -> dict:
         """What adapter_info.json records besides the step and the metrics."""
@@ -453,12 +441,6 @@ class FullObjective(DiffusionObjective):
     @property
     def module(self) -> torch.nn.Module:
         return self.parts.denoiser
-
-    def validation_images(self, module) -> list:
-        return self.prompted_images(module)
-
-    def grid(self, images: list):
-        return self.prompted_grid(images)
 
     def made_how(self) -> dict:
         return {"kind": "full", "family": self.family.name, "prediction_type": self.prediction_type,
