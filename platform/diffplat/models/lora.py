@@ -48,8 +48,8 @@ def lora_location(path: str) -> tuple[str, str | None]:
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
             return str(p), found[0].name
-        if weights_name(p):  # ai-toolkit's output: <name>/<name>.safetensors + step saves
-            return str(p), weights_name(p)
+        if name := weights_name(p):  # ai-toolkit's output: <name>/<name>.safetensors + step saves
+            return str(p), name
         raise LoraFileError(f"{path}: no {WEIGHTS_NAME} (nor one other .safetensors file) in this folder")
     if not p.is_dir() and (p.is_absolute() or path.startswith(".") or path.count("/") != 1):
         raise LoraFileError(f"{path}: no such LoRA file or folder")

@@ -237,8 +237,8 @@ def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
 def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 300, seed: int = 0) -> dict:
     """Train a tiny VAE to reconstruct `images` (PIL, resized to `size`, width height), then set
     its scaling_factor (and FLUX's shift_factor) so latents have unit variance, as SDXL's 0.13025
-    does for its own VAE. A
-    random VAE decodes any latent to noise; a fitted one makes a model's pictures readable.
+    does for its own VAE. A random VAE decodes any latent to noise; a fitted one makes a model's
+    pictures readable.
     Returns the reconstruction PSNR (dB) on the images and the seconds taken."""
     import time
 
