@@ -38,3 +38,35 @@ def test_panel_agreement_is_small_when_every_panel_shares_the_time_of_day():
     layout = Layout.parse("2x2")
     assert panel_agreement(make_composite(day, layout, (128, 64)), "2x2", [2, 3]) < 25
     assert panel_agreement(make_composite(mixed, layout, (128, 64)), layout, [2, 3]) > 200
+
+
+def test_the_demos_held_out_inputs_are_what_their_measures_assume(tmp_path):
+    """quality.json's ControlNet and In-Context LoRA measures read held-out frames: each map with
+    its own frame agrees (the ceiling a model is measured against), each composite's four frames
+    share a time of day, and the times alternate so a short list still holds each."""
+    import json
+
+    from diffplat.data.synthetic_bdd import write_synthetic_bdd
+    from diffplat.demo_quality import SIZE, detector_quality, held_out_composites, held_out_maps
+    from diffplat.pictures import labelled_rows
+
+    write_synthetic_bdd(tmp_path / "val", num_images=24, seed=1)
+    maps = held_out_maps(tmp_path / "val", count=4)
+    assert len(maps) == 4
+    for colour_map, caption, real in maps:
+        assert colour_map.size == real.size == SIZE and caption.startswith("a driving scene")
+        assert map_agreement(real, colour_map) > 0.6
+    composites = held_out_composites(tmp_path / "val", count=6)
+    assert len(composites) == 6
+    for composite, caption in composites:
+        assert composite.size == (2 * SIZE[0], 2 * SIZE[1]) and caption.startswith("[BDD] [SCENE-1]")
+        assert panel_agreement(composite, "2x2", [2, 3]) < 40
+    skies = [sky_colour(c.crop((0, 0, *SIZE))) for c, _ in composites[:3]]
+    assert min(colour_distance(a, b) for i, a in enumerate(skies) for b in skies[i + 1:]) > 50
+    sheet = labelled_rows([[m for m, _, _ in maps], [r for _, _, r in maps]], ["map", "real"], thumb_width=64)
+    assert sheet.height == 2 * (32 + 8) and sheet.width > 4 * 64
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"variants": [{"name": "real", "map50_95": 0.1, "map50": 0.2},
+                                               {"name": "real+kept", "map50_95": 0.15, "map50": 0.3}]}))
+    measured = detector_quality(report)
+    assert (measured["base"], measured["adapter"], measured["mix"]) == (0.1, 0.15, "real+kept")

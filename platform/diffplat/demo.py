@@ -1,10 +1,14 @@
 """`diffplat demo`: the whole pipeline on one machine, on inputs it makes itself.
 
-Four jobs on one local Ray, each a recipe shipped in the package: `demo.yaml` (BDD -> text-to-image
-LoRA -> generation -> YOLO filter -> does a detector trained with the kept images do better?),
-`demo_ic_lora.yaml` (BDD -> composites -> In-Context LoRA -> panel filling), `demo_controlnet.yaml`
-(BDD masks -> ControlNet -> images from maps -> filter) and `demo_flux.yaml` (the In-Context LoRA
-paper's recipe on a tiny FLUX.1: three-frame composites -> LoRA -> a frame filled).
+Setup writes synthetic BDD-like scenes and a tiny SDXL whose VAE has learnt to reconstruct them.
+Then five jobs on one local Ray, each a recipe shipped in the package: `demo_pretrain.yaml` (the
+tiny SDXL's UNet learns the scenes from scratch: a full fine-tune, so every later picture is a
+scene, not noise), `demo.yaml` (night frames -> text-to-image LoRA -> generation -> YOLO filter ->
+does a detector trained with the kept images do better?), `demo_ic_lora.yaml` (composites ->
+In-Context LoRA on the base's inpainting variant -> panel filling), `demo_controlnet.yaml` (BDD
+masks -> ControlNet -> images from maps -> filter) and `demo_flux.yaml` (the In-Context LoRA
+paper's recipe on a tiny, untrained FLUX.1: three-frame composites -> LoRA -> a frame filled).
+Last, demo_quality.py measures what each adapter changed against its base (quality.json).
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from pathlib import Path
 
 import yaml
 
+from diffplat import demo_quality
 from diffplat.config import load_config
+from diffplat.data.images import readable_images
 from diffplat.data.synthetic_bdd import write_synthetic_bdd
+from diffplat.models.inpainting import inpainting_variant
 from diffplat.models.tiny import write_tiny_model
 from diffplat.runner import JobResult, ray_session, run_job
 
 log = logging.getLogger("diffplat")
 
-# In this order: the ControlNet leg trains on the shards the LoRA leg's prepare wrote.
-DEMO_JOBS = {"lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml", "controlnet": "demo_controlnet.yaml",
-             "flux": "demo_flux.yaml"}  # fmt: skip
+# In this order: every leg builds on the base the pretraining makes; the ControlNet leg trains on
+# its shards and the LoRA leg's evaluate stage takes its BDD -> YOLO export as the real set.
+DEMO_JOBS = {"pretrain": "demo_pretrain.yaml", "lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml",
+             "controlnet": "demo_controlnet.yaml", "flux": "demo_flux.yaml"}  # fmt: skip
+FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 200
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:
@@ -47,23 +56,37 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     configs = {leg: load_config(demo_config_path(name), _overrides_for(demo_config_path(name), overrides or []))
                for leg, name in DEMO_JOBS.items()}  # fmt: skip
     start = time.perf_counter()
-    log.info("demo: a tiny SDXL, its inpainting variant, a tiny FLUX.1 and a synthetic BDD-like dataset in %s", out)
-    write_tiny_model(out / "base-model", "sdxl")
-    # Same seed, so the same text encoders and VAE: only the UNet has 9 input channels.
-    write_tiny_model(out / "base-model-inpaint", "sdxl-inpaint")
+    log.info("demo: synthetic BDD-like scenes, a tiny SDXL whose VAE learns them, and a tiny FLUX.1 in %s", out)
+    write_synthetic_bdd(out / "bdd", num_images=FRAMES)
+    write_synthetic_bdd(out / "bdd-val", num_images=VAL_FRAMES, seed=1)  # held out: evaluate's and quality's
+    write_tiny_model(out / "base-model-random", "sdxl", fit_images=readable_images(out / "bdd" / "images")[0],
+                     fit_steps=VAE_FIT_STEPS)  # fmt: skip
     write_tiny_model(out / "base-model-flux", "flux")
-    write_synthetic_bdd(out / "bdd", num_images=24)
-    write_synthetic_bdd(out / "bdd-val", num_images=8, seed=1)  # held out: the evaluate stage's real validation
     setup = time.perf_counter() - start
     results = {}
     with ray_session(configs["lora"].ray):  # one Ray for every job
         for leg, config in configs.items():
             results[leg] = run_job(config, out)
-    print(summary(out, setup, results))
+            if leg == "pretrain":  # the In-Context LoRA leg's base: 9 input channels, the new 5 at zero
+                inpainting_variant(str(out / "base-model"), out / "base-model-inpaint")
+    start = time.perf_counter()
+    measures = demo_quality.measure_demo(out)
+    demo_quality.write_quality(out, measures)
+    first = results["pretrain"]
+    demo_quality.log_quality(out, measures, first.tracking_uri, _experiment_id(first))
+    log.info("demo: the adapters measured against their bases in %.0f s: quality.json, quality/*.png",
+             time.perf_counter() - start)  # fmt: skip
+    print(summary(out, setup, results, measures))
     return results
 
 
-def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
+def _experiment_id(result: JobResult) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).info.experiment_id
+
+
+def summary(out: Path, setup: float, results: dict[str, JobResult], measures: dict) -> str:
     """One screen: where each job's time went, what it wrote, and what to open next."""
     total = setup + sum(sum(r.seconds.values()) for r in results.values())
     lines = ["", f"diffplat demo: done in {total:.0f} s (setup {setup:.0f} s)"]
@@ -72,33 +95,36 @@ def summary(out: Path, setup: float, results: dict[str, JobResult]) -> str:
     lora, ic, cn = results["lora"].outputs, results["ic_lora"].outputs, results["controlnet"].outputs
     prep, cache, train, gen, filt, ev = (lora.get(k, {}) for k in ("prepare", "cache", "train", "generate", "filter",
                                                                     "evaluate"))  # fmt: skip
+    pre_prep, pre_train = (results["pretrain"].outputs.get(k, {}) for k in ("prepare", "train"))
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
     fx_prep, fx_train, fx_gen = (results["flux"].outputs.get(k, {}) for k in ("prepare", "train", "generate"))
     loss = lambda t: f"final loss {t.get('final_loss', float('nan')):.4f}"  # noqa: E731
-    from mlflow import MlflowClient
-
     from diffplat.tracking import runs_page
 
-    first = next(iter(results.values()))
-    experiment = MlflowClient(tracking_uri=first.tracking_uri).get_run(first.run_id).info.experiment_id
+    experiment = _experiment_id(results["pretrain"])
     models = [r.outputs.get("train", {}).get("model") for r in results.values()]
     registered = ", ".join(m.removeprefix("models:/") for m in models if m) + " (alias demo: models:/<name>@demo)"
     lines += [
         f"  in {out}:",
-        f"    data/ {prep.get('rows_written')} rows (skipped {prep.get('skipped')}), cache/ {cache.get('rows')} rows "
-        f"of latents + embeddings",
+        f"    data/ {pre_prep.get('rows_written')} rows (skipped {pre_prep.get('skipped')}) -> base-model/ (a full "
+        f"fine-tune of base-model-random's UNet, {loss(pre_train)})",
+        f"    data-night/ {prep.get('rows_written')} night rows, cache/ {cache.get('rows')} rows of latents + "
+        "embeddings",
         f"    adapters/lora ({loss(train)}, trained from the cache), adapters/ic_lora ({loss(ic_train)}), "
         f"adapters/controlnet ({loss(cn_train)})",
         f"    generations/ {gen.get('images')} images, kept {filt.get('kept')}: generations/gallery/index.html",
         f"    evaluation/ mAP50-95 real {ev.get('real/map50_95', float('nan')):.3f}, real+kept "
-        f"{ev.get('real+kept/map50_95', float('nan')):.3f}: report.txt, comparison.png (3 epochs at 64 px on "
-        f"{ev.get('val_images')} images: the numbers mean nothing at this size; every piece ran)",
+        f"{ev.get('real+kept/map50_95', float('nan')):.3f} on {ev.get('val_images')} held-out frames: report.txt, "
+        "comparison.png",
         f"    data-ic/composites/ {ic_prep.get('rows_written')} of layout {ic_prep.get('layout')}, ic_lora/ "
         f"{ic_gen.get('images')} filled (comparisons/)",
         f"    controlnet/ {cn_gen.get('images')} images from maps (comparisons/), kept {cn_filt.get('kept')}",
         f"    FLUX.1: data-flux/composites/ {fx_prep.get('rows_written')} of layout 3x1, adapters/flux_ic_lora "
         f"({loss(fx_train)}), flux/ {fx_gen.get('images')} with frame 2 filled (comparisons/)",
+        "  what each adapter changed, against its base with the same prompts and seeds (quality.json, "
+        "quality/*.png):",
+        *demo_quality.summary_lines(measures),
         f"  MLflow's model registry: {registered}",
         f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}",
         f"    then {runs_page('http://127.0.0.1:5000', experiment)}",

@@ -1,19 +1,20 @@
 """What the demo's adapters learnt, measured against the base each was trained on: the same
-prompts, seeds and inputs through both, the pictures kept, a number computed from them
-(evaluate/quality.py), written to quality.json and logged to MLflow.
+prompts, seeds and inputs through both, the pictures kept side by side, a number computed from
+them (evaluate/quality.py), written to quality.json and logged to MLflow.
 
 - LoRA (trained on night scenes only): prompts that name no time of day; the sky of its images
   against the base's, as distances to the night training images' mean sky colour.
-- ControlNet: held-out segmentation maps and their captions; how much of each image's colour
-  variance the map's regions explain, with the ControlNet and without (the base alone).
-- In-Context LoRA: composites of four frames of one time of day, panels 2 and 3 filled; the
-  distance of the filled panels' sky colour to the visible panels', with the LoRA and without.
+- ControlNet: held-out segmentation maps (bdd-val) and their captions; how much of each image's
+  colour variance the map's regions explain, with the ControlNet and without (the base alone).
+- In-Context LoRA: held-out composites of four frames of one time of day, panels 2 and 3 filled;
+  the distance of the filled panels' sky colour to the visible panels', with the LoRA and without.
 - evaluate: the detectors' mAP50-95, trained on real images only and with the kept generations.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,101 +24,159 @@ from diffplat.evaluate.quality import colour_distance, map_agreement, panel_agre
 
 SEEDS = (0, 1, 2, 3)
 STEPS = 20
+GUIDANCE = 5.0
+SIZE = (128, 64)  # the demo's training resolution (width height)
 LORA_PROMPTS = ("a driving scene on a city street, with 2 cars", "a driving scene on a highway, with 1 truck")
+IC_LAYOUT, IC_PANELS = "2x2", (2, 3)
 
 
-def _rows(folder: Path, columns: list[str], count: int, where=None) -> list[dict]:
+def _draw(pipe, calls: list[tuple[int, dict]]) -> list[Image.Image]:
+    """One image per (seed, pipeline arguments), at the demo's size and step count."""
+    import torch
+
+    width, height = SIZE
+    return [pipe(**call, width=width, height=height, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                 generator=torch.Generator().manual_seed(seed)).images[0] for seed, call in calls]  # fmt: skip
+
+
+def _mean(values) -> float:
+    return round(float(np.mean(list(values))), 4)
+
+
+def lora_quality(base: Path, lora: Path, training_shards: Path, pictures: Path) -> dict:
     from diffplat.data.shards import iter_rows
-
-    rows = (r for r in iter_rows(folder, columns=columns) if where is None or where(r))
-    return [r for _, r in zip(range(count), rows)]
-
-
-def _image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        image = img.convert("RGB")
-    return image.resize(size, Image.NEAREST) if size else image
-
-
-def _sheet(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
-    """One row of pictures per label, side by side."""
-    from PIL import ImageDraw
-
-    width, height = rows[0][0].size
-    label_width = 8 * max(len(label) for label in labels)
-    sheet = Image.new("RGB", (label_width + width * max(map(len, rows)), height * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        draw.text((4, r * height + height // 2 - 5), label, fill="black")  # PIL's built-in bitmap font
-        for c, image in enumerate(images):
-            sheet.paste(image, (label_width + c * width, r * height))
-    return sheet
-
-
-def _generate(pipe, prompts, size, **kwargs) -> list[Image.Image]:
-    import torch
-
-    width, height = size
-    return [pipe(prompt, width=width, height=height, num_inference_steps=STEPS, guidance_scale=5.0,
-                 generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
-            for prompt in prompts for seed in SEEDS]  # fmt: skip
-
-
-def lora_quality(base: str, lora: str, training: Path, size: tuple[int, int], pictures: Path) -> dict:
     from diffplat.models.loading import load_pipeline
+    from diffplat.pictures import labelled_rows
 
-    target = np.mean([sky_colour(_image(r["image"])) for r in _rows(training, ["image"], 64)], axis=0)
-    pipe = load_pipeline(base)
-    before = _generate(pipe, LORA_PROMPTS, size)
-    pipe = load_pipeline(base, lora=lora)
-    after = _generate(pipe, LORA_PROMPTS, size)
-    _sheet([before, after], ["base", "+ LoRA"]).save(pictures / "lora.png")
-    distance = lambda images: float(np.mean([colour_distance(sky_colour(i), target) for i in images]))  # noqa: E731
-    return {"measure": "sky colour distance to the training images' (RGB, lower is closer)",
-            "training_sky_rgb": [round(float(v), 1) for v in target], "base": distance(before),
-            "adapter": distance(after), "images": len(after), "picture": "quality/lora.png"}  # fmt: skip
+    target = np.mean([sky_colour(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+                      for r in iter_rows(training_shards, columns=["image"])], axis=0)  # fmt: skip
+    calls = [(seed, {"prompt": prompt}) for prompt in LORA_PROMPTS for seed in SEEDS]
+    before = _draw(load_pipeline(str(base)), calls)
+    after = _draw(load_pipeline(str(base), lora=str(lora)), calls)
+    labelled_rows([before, after], ["base", "+ LoRA"], thumb_width=192).save(pictures / "lora.png")
+    distance = lambda images: _mean(colour_distance(sky_colour(i), target) for i in images)  # noqa: E731
+    return {"measure": "sky colour distance to the night training images' (RGB 0-255, lower is closer)",
+            "base": distance(before), "adapter": distance(after), "better": "lower", "images": len(after),
+            "training_sky_rgb": [round(float(v), 1) for v in target], "prompts": list(LORA_PROMPTS),
+            "picture": "quality/lora.png"}  # fmt: skip
 
 
-def controlnet_quality(base: str, controlnet: str, maps: list[tuple[Image.Image, str]], size, pictures: Path) -> dict:
-    import torch
-    from diffusers import ControlNetModel
-
+def controlnet_quality(base: Path, controlnet: Path, maps: list[tuple[Image.Image, str, Image.Image]],
+                       pictures: Path) -> dict:  # fmt: skip
+    from diffplat.infer.controlnet import load_controlnet_pipeline
     from diffplat.models.loading import load_pipeline
+    from diffplat.pictures import labelled_rows
 
-    width, height = size
-    plain = load_pipeline(base)
-    guided = load_pipeline(base, task="controlnet", controlnet=ControlNetModel.from_pretrained(controlnet))
-    maps = [(m.resize(size, Image.NEAREST), caption) for m, caption in maps]
-    before, after = [], []
-    for i, (colour_map, caption) in enumerate(maps):
-        seed = {"width": width, "height": height, "num_inference_steps": STEPS, "guidance_scale": 5.0}
-        before.append(plain(caption, generator=torch.Generator().manual_seed(i), **seed).images[0])
-        after.append(guided(caption, image=colour_map, generator=torch.Generator().manual_seed(i), **seed).images[0])
-    _sheet([[m for m, _ in maps], before, after], ["map", "base", "+ ControlNet"]).save(pictures / "controlnet.png")
-    share = lambda images: float(np.mean([map_agreement(i, m) for i, (m, _) in zip(images, maps)]))  # noqa: E731
+    before = _draw(load_pipeline(str(base)), [(i, {"prompt": c}) for i, (_, c, _) in enumerate(maps)])
+    guided = load_controlnet_pipeline(str(base), str(controlnet))
+    after = _draw(guided, [(i, {"prompt": c, "image": m}) for i, (m, c, _) in enumerate(maps)])
+    real = [r for _, _, r in maps]
+    sheet = labelled_rows([[m for m, _, _ in maps], before, after, real], ["map", "base", "+ ControlNet", "real"],
+                          thumb_width=192)  # fmt: skip
+    sheet.save(pictures / "controlnet.png")
+    share = lambda images: _mean(map_agreement(i, m) for i, (m, _, _) in zip(images, maps))  # noqa: E731
     return {"measure": "share of each image's colour variance its map's regions explain (higher follows the map)",
-            "base": share(before), "adapter": share(after), "images": len(after),
-            "picture": "quality/controlnet.png"}  # fmt: skip
+            "base": share(before), "adapter": share(after), "better": "higher", "images": len(after),
+            "real_images": share(real), "picture": "quality/controlnet.png"}  # fmt: skip
 
 
-def ic_lora_quality(base_inpaint: str, lora: str, composites: list[tuple[Image.Image, str]], layout: str,
-                    pictures: Path) -> dict:  # fmt: skip
+def ic_lora_quality(base_inpaint: Path, lora: Path, composites: list[tuple[Image.Image, str]], pictures: Path) -> dict:
     from diffplat.infer.panels import FillOptions, fill_panels
     from diffplat.models.loading import load_pipeline
+    from diffplat.pictures import labelled_rows
 
-    options = FillOptions(panels=(2, 3), layout=layout, num_inference_steps=STEPS, guidance_scale=5.0,
+    options = FillOptions(panels=IC_PANELS, layout=IC_LAYOUT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                           max_token_length=225)  # fmt: skip
     fills = {}
-    for name, pipe in (("base", load_pipeline(base_inpaint, task="inpaint")),
-                       ("adapter", load_pipeline(base_inpaint, task="inpaint", lora=lora))):  # fmt: skip
+    for name, adapter in (("base", None), ("adapter", lora)):
+        pipe = load_pipeline(str(base_inpaint), task="inpaint", lora=str(adapter) if adapter else None)
         fills[name] = [fill_panels(pipe, composite, caption, [i], options)[0].image
                        for i, (composite, caption) in enumerate(composites)]  # fmt: skip
-    _sheet([[c for c, _ in composites], fills["base"], fills["adapter"]],
-           ["input", "base", "+ IC-LoRA"]).save(pictures / "ic_lora.png")  # fmt: skip
-    gap = lambda images: float(np.mean([panel_agreement(i, layout, [2, 3]) for i in images]))  # noqa: E731
-    return {"measure": "sky colour distance of the filled panels to the visible ones (RGB, lower agrees)",
-            "base": gap(fills["base"]), "adapter": gap(fills["adapter"]), "images": len(composites),
-            "picture": "quality/ic_lora.png"}  # fmt: skip
+    sheet = labelled_rows([[c for c, _ in composites], fills["base"], fills["adapter"]], ["input", "base", "+ IC-LoRA"],
+                          thumb_width=192)  # fmt: skip
+    sheet.save(pictures / "ic_lora.png")
+    gap = lambda images: _mean(panel_agreement(i, IC_LAYOUT, list(IC_PANELS)) for i in images)  # noqa: E731
+    return {"measure": "sky colour distance of the filled panels to the visible ones (RGB 0-255, lower agrees)",
+            "base": gap(fills["base"]), "adapter": gap(fills["adapter"]), "better": "lower",
+            "images": len(composites), "inputs": gap(c for c, _ in composites), "picture": "quality/ic_lora.png"}  # fmt: skip
+
+
+def detector_quality(report: Path) -> dict:
+    """The evaluate stage's own figures: real-only against real + kept generations."""
+    variants = {v["name"]: v for v in json.loads(report.read_text())["variants"]}
+    real, mixed = variants["real"], next(v for name, v in variants.items() if name != "real")
+    return {"measure": f"detector mAP50-95 on held-out frames, real only and {mixed['name']} (higher is better)",
+            "base": real["map50_95"], "adapter": mixed["map50_95"], "better": "higher", "mix": mixed["name"],
+            "map50": {"real": real["map50"], mixed["name"]: mixed["map50"]}}  # fmt: skip
+
+
+def _frames(bdd_dir: Path) -> dict:
+    """A synthetic BDD folder's labelled frames by image stem."""
+    from diffplat.data import bdd
+
+    frames = {}
+    for path in sorted((bdd_dir / "labels").glob("*.json")):
+        found, _ = bdd.load_label_file(path)
+        frames.update({Path(name).stem: frame for name, frame in found.items()})
+    return frames
+
+
+def held_out_maps(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image, str, Image.Image]]:
+    """Palette maps of frames the ControlNet never saw, each with its frame's caption and the
+    frame itself (what a perfect model would draw), at the demo's size."""
+    from diffplat.data import bdd
+    from diffplat.data.pairs_source import map_stem
+    from diffplat.infer.controlnet import load_map
+    from diffplat.pictures import list_images
+
+    frames = _frames(bdd_dir)
+    maps = []
+    for path in list_images(bdd_dir / "masks"):
+        image = bdd_dir / "images" / f"{map_stem(path)}.jpg"
+        if map_stem(path) in frames and image.is_file() and len(maps) < count:
+            with Image.open(image) as frame:
+                real = frame.convert("RGB").resize(SIZE, Image.BICUBIC)
+            maps.append((load_map(path, SIZE), bdd.caption_from_labels(frames[map_stem(path)]), real))
+    return maps
+
+
+def held_out_composites(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image, str]]:
+    """2x2 composites of four held-out frames sharing a time of day, captioned as the demo's
+    In-Context LoRA leg captions its own."""
+    from diffplat.data import bdd
+    from diffplat.data.composites import Layout, combine_captions, make_composite
+
+    by_time: dict[str, list] = {}
+    for stem, frame in _frames(bdd_dir).items():
+        path = bdd_dir / "images" / f"{stem}.jpg"
+        if path.is_file():
+            by_time.setdefault(frame.timeofday, []).append((path, bdd.caption_from_labels(frame)))
+    composites = []
+    for members in by_time.values():
+        for start in range(0, len(members) - 3, 4):
+            four = members[start:start + 4]
+            images = []
+            for path, _ in four:
+                with Image.open(path) as frame:
+                    images.append(frame.convert("RGB"))
+            composites.append((make_composite(images, Layout.parse(IC_LAYOUT), SIZE),
+                               combine_captions([c for _, c in four], "[BDD]")))  # fmt: skip
+    # alternate times of day, so a short list still holds each
+    return [c for group in zip(*[composites[i::len(by_time)] for i in range(len(by_time))]) for c in group][:count]
+
+
+def measure_demo(out: Path) -> dict:
+    """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
+    pictures = out / "quality"
+    pictures.mkdir(exist_ok=True)
+    return {
+        "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
+        "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet",
+                                         held_out_maps(out / "bdd-val"), pictures),  # fmt: skip
+        "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
+                                   held_out_composites(out / "bdd-val"), pictures),  # fmt: skip
+        "evaluate": detector_quality(out / "evaluation" / "report.json"),
+    }
 
 
 def write_quality(out: Path, measures: dict) -> Path:
@@ -128,10 +187,28 @@ def write_quality(out: Path, measures: dict) -> Path:
     return path
 
 
+def log_quality(out: Path, measures: dict, tracking_uri: str, experiment_id: str) -> str:
+    """One MLflow run, `demo-quality`: each measure as metrics <leg>/base and <leg>/adapter, the
+    comparison sheets and quality.json as artifacts. Returns its run id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(experiment_id, run_name="demo-quality", tags={"diffplat.job": "demo-quality"})
+    for leg, m in measures.items():
+        client.log_metric(run.info.run_id, f"{leg}/base", m["base"])
+        client.log_metric(run.info.run_id, f"{leg}/adapter", m["adapter"])
+    for picture in sorted((out / "quality").glob("*.png")):
+        client.log_artifact(run.info.run_id, str(picture), "quality")
+    client.log_artifact(run.info.run_id, str(out / "quality.json"))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 def summary_lines(measures: dict) -> list[str]:
+    names = {"lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
     lines = []
     for leg, m in measures.items():
-        if "base" in m:
-            lines.append(f"    {leg:<11} base {m['base']:.3f} -> trained {m['adapter']:.3f}  ({m['measure']})")
+        after = "with kept" if leg == "evaluate" else "trained"
+        lines.append(f"    {names[leg]:<10} base {m['base']:7.3f} -> {after} {m['adapter']:7.3f}  "
+                     f"({m['better']} is better: {m['measure'].split(' (')[0]})")  # fmt: skip
     return lines
-

@@ -33,6 +33,22 @@ def grid(images: list[Image.Image], columns: int = 4, thumb_width: int = 256, ga
     return sheet
 
 
+def labelled_rows(rows: list[list[Image.Image]], labels: list[str], thumb_width: int = 256) -> Image.Image:
+    """One grid row per label, the label written at its left (PIL's built-in bitmap font: no font
+    file is needed): a comparison sheet, e.g. base | + adapter for the same prompts and seeds."""
+    from PIL import ImageDraw
+
+    strips = [grid(images, len(images), thumb_width) for images in rows]
+    label_width = 8 + 6 * max(len(label) for label in labels)
+    sheet = Image.new("RGB", (label_width + max(s.width for s in strips), sum(s.height for s in strips)), (24, 24, 24))
+    draw, top = ImageDraw.Draw(sheet), 0
+    for strip, label in zip(strips, labels):
+        sheet.paste(strip, (label_width, top))
+        draw.text((4, top + strip.height // 2 - 5), label, fill=(230, 230, 230))
+        top += strip.height
+    return sheet
+
+
 def contact_sheet(paths: list[Path], out: Path, columns: int = 4, thumb_width: int = 256, limit: int = 32) -> Path | None:
     """A grid of the first `limit` images, each scaled to `thumb_width`; None if there are none."""
     paths = list(paths)[:limit]

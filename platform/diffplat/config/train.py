@@ -160,6 +160,9 @@ class TrainConfig(_Strict):
     use_8bit_adam: bool = False
     max_train_steps: int | None = Field(None, gt=0)
     num_train_epochs: int | None = Field(None, gt=0, description="instead of max_train_steps")
+    repeats: int = Field(1, gt=0, description=(
+        "kohya's num_repeats: every row this many times an epoch; a small dataset then makes fewer, longer "
+        "epochs (each epoch restarts Ray Data's reading, seconds on a small machine)"))
     train_batch_size: int = Field(1, gt=0, description="per worker")
     gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = False

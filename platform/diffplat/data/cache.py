@@ -420,13 +420,15 @@ def run_cache(config: CacheConfig, output: Path) -> dict:
             "driver_bytes": sum(record_bytes(f) for f in written)}  # fmt: skip
 
 
-def cached_dataset(folder: str, conditioning: bool):
+def cached_dataset(folder: str, conditioning: bool, repeats: int = 1):
     """The cache's rows as a Ray Data dataset for Ray Train: read, nothing decoded (the objective
-    turns the bytes into tensors on the worker)."""
+    turns the bytes into tensors on the worker); each file `repeats` times (train.repeats)."""
     import ray.data
 
     files = [str(p) for p in sorted(Path(folder).glob("shard-*.parquet"))]
     if not files:
         raise ConfigError(f"train.cache: {folder} holds no shard-*.parquet")
     columns = [name for name in SCHEMA.names if conditioning or name != "conditioning"]
-    return ray.data.read_parquet(files).select_columns(columns)
+    from diffplat.data.pipeline import repeated
+
+    return repeated(ray.data.read_parquet(files).select_columns(columns), repeats)

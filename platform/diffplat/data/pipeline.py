@@ -134,7 +134,8 @@ class ToTrainingArrays:
 
 
 def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool, random_flip: bool, seed: int,
-                     conditioning: bool = False, ids: bool = False, buckets: list | None = None):  # fmt: skip
+                     conditioning: bool = False, ids: bool = False, buckets: list | None = None,
+                     repeats: int = 1):  # fmt: skip
     import ray.data
 
     from diffplat.data.shards import shard_files
@@ -146,12 +147,24 @@ def training_dataset(shards: str, resolution: tuple[int, int], center_crop: bool
     with dataset_settings(use_datasource_v2=False, op_resource_reservation_enabled=False):
         columns = ["id", "image", "caption", "layout"] + (["conditioning"] if conditioning else [])
         ds = ray.data.read_parquet(files, columns=columns, **({"override_num_blocks": len(files)} if isinstance(files, list) else {}))
+        ds = repeated(ds, repeats)
         # Tasks, not an actor pool: an actor would hold a CPU for the whole run, and on a small
         # machine the reader then waits forever for the CPU the training workers left over.
         # batch_size None: the decode fuses into the read task (one task per shard file, no
         # second trip through the object store); the transform yields batches of chunk_rows.
         return ds.map_batches(ToTrainingArrays(resolution, center_crop, random_flip, seed, conditioning, ids, buckets),
                               batch_size=None, batch_format="numpy")  # fmt: skip
+
+
+def repeated(ds, repeats: int):
+    """kohya's num_repeats: each block's rows `repeats` times over, one pass after another, so an
+    epoch is that many passes. A tiny dataset otherwise ends its epoch every few steps, and each
+    new epoch restarts Ray Data's reading (seconds on a small machine, most of a short run)."""
+    if repeats == 1:
+        return ds
+    import pyarrow as pa
+
+    return ds.map_batches(lambda table: pa.concat_tables([table] * repeats), batch_size=None, batch_format="pyarrow")
 
 
 @contextmanager

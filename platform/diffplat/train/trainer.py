@@ -81,8 +81,9 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
                 raise ConfigError(cache_needs_plain_model(config.base_model))
     if config.num_train_epochs:
         per_step = config.train_batch_size * config.scaling.num_workers * config.gradient_accumulation_steps
-        steps = max(1, rows // per_step) * config.num_train_epochs
-        log.info("train: %d epochs of %d rows = %d steps", config.num_train_epochs, rows, steps)
+        steps = max(1, rows * config.repeats // per_step) * config.num_train_epochs
+        log.info("train: %d epochs of %d rows%s = %d steps", config.num_train_epochs, rows,
+                 f" x {config.repeats} repeats" if config.repeats > 1 else "", steps)  # fmt: skip
         config = config.model_copy(update={"max_train_steps": steps})
     return config
 
@@ -174,12 +175,13 @@ def run_training(config: TrainConfig, output: Path, tracking_uri: str | None, ru
     if config.cache:  # latents and embeddings as the cache stage wrote them: nothing to decode
         from diffplat.data.cache import cached_dataset
 
-        dataset = cached_dataset(config.cache, conditioning=config.kind == "controlnet")
+        dataset = cached_dataset(config.cache, conditioning=config.kind == "controlnet", repeats=config.repeats)
     else:
         config = resolve_buckets(config)
         dataset = training_dataset(config.data, config.resolution, config.center_crop, config.random_flip,
                                    config.seed, conditioning=config.kind == "controlnet",
-                                   buckets=config.buckets.resolutions if config.buckets else None)  # fmt: skip
+                                   buckets=config.buckets.resolutions if config.buckets else None,
+                                   repeats=config.repeats)  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
