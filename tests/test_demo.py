@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # hang guards: a bus
 def test_demo_writes_every_stage(demo):
     out, stdout, stderr = demo
     assert (out / "base-model" / "model_index.json").is_file()
+    assert json.loads((out / "base-model" / "adapter_info.json").read_text())["kind"] == "full"
     assert list((out / "data" / "shards").glob("shard-*.parquet"))
     assert (out / "adapters" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     gens = out / "generations"
@@ -37,9 +38,11 @@ def test_demo_writes_every_stage(demo):
     report = json.loads((gens / "filter_report.json").read_text())
     assert report["images"] == 6
     prep = json.loads((out / "data" / "prepare_report.json").read_text())
-    assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 24
-    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "evaluate", "lora", "ic_lora", "controlnet",
-                  "flux"):
+    assert prep["skipped"] == {"corrupt image": 1} and prep["rows_written"] == 144
+    night = json.loads((out / "data-night" / "prepare_report.json").read_text())
+    assert 20 < night["rows_written"] < 100 and night["left_out_by_where"] > 40
+    for stage in ("setup", "prepare", "cache", "train", "generate", "filter", "evaluate", "pretrain", "lora", "ic_lora",
+                  "controlnet", "flux", "quality.json"):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
     # one screen: diffplat's lines and summary (about 72 lines in all in a quiet run, 10 of them the
@@ -53,7 +56,8 @@ def test_demo_writes_every_stage(demo):
     assert len([line for line in ours if not progress.match(line)]) <= 60, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
     jobs = re.findall(r"\[diffplat\] job ([\w-]+): ([\w >-]+)", stdout + stderr)
-    assert jobs == [("demo", "prepare -> cache -> train -> generate -> filter -> evaluate"),
+    assert jobs == [("demo-pretrain", "prepare -> cache -> train"),
+                    ("demo", "prepare -> train -> generate -> filter -> evaluate"),
                     ("demo-ic-lora", "prepare -> train -> generate"), ("demo-controlnet", "train -> generate -> filter"),
                     ("demo-flux", "prepare -> train -> generate")]  # fmt: skip
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
@@ -65,10 +69,10 @@ def test_demo_evaluate_leg(demo):
     out, stdout, _ = demo
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["real", "real+kept"] and not report["failed"]
-    assert report["variants"][1]["train_images"] == {"real": 20, "kept": 4}
-    assert report["val"]["images"] == 7  # 8 drawn, one of them a mask without a label record
+    assert report["variants"][1]["train_images"] == {"real": 120, "kept": 4}
+    assert report["val"]["images"] == 20  # 24 drawn, 4 of them masks without a label record
     assert (out / "evaluation" / "comparison.png").is_file() and (out / "evaluation" / "report.txt").is_file()
-    assert "the numbers mean nothing at this size" in stdout
+    assert "on 20 held-out frames" in stdout
 
 
 def test_demo_ic_lora_leg(demo):
@@ -80,7 +84,7 @@ def test_demo_ic_lora_leg(demo):
     info = json.loads((out / "adapters" / "ic_lora" / "adapter_info.json").read_text())
     assert info["kind"] == "ic_lora" and info["ic_lora"]["mode"] == "masked" and info["workers"] == 2
     fills = sorted((out / "ic_lora" / "images").glob("*.png"))
-    assert [p.name for p in fills] == [p.name for p in composites]
+    assert [p.name for p in fills] == [p.name for p in composites[:6]]  # generate.max_images
     assert len(list((out / "ic_lora" / "comparisons").glob("*.png"))) == len(fills)
 
 
@@ -100,7 +104,7 @@ def test_demo_flux_leg(demo):
     with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
     fills = sorted((out / "flux" / "images").glob("*.png"))
-    assert [p.name for p in fills] == [p.name for p in composites]
+    assert [p.name for p in fills] == [p.name for p in composites[:4]]  # generate.max_images
     for composite, fill in zip(composites, fills):
         before, after = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (composite, fill))
         assert before.shape == after.shape == (96, 64, 3)
@@ -174,11 +178,11 @@ def test_demo_records_one_run_per_stage(demo):
     experiment = client.get_experiment_by_name("diffplat-demo")
     runs = client.search_runs([experiment.experiment_id])
     jobs = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(jobs) == {"demo", "demo-ic-lora", "demo-controlnet", "demo-flux"}
+    assert set(jobs) == {"demo-pretrain", "demo", "demo-ic-lora", "demo-controlnet", "demo-flux", "demo-quality"}
     parent = jobs["demo"].info.run_id
     by_name = {r.data.tags["diffplat.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {s: r.info.run_name for s, r in by_name.items()} == {s: f"demo/{s}" for s in
-                                                                ("prepare", "cache", "train", "generate", "filter", "evaluate")}  # fmt: skip
+                                                                ("prepare", "train", "generate", "filter", "evaluate")}  # fmt: skip
     # the evaluate stage: one run per variant inside its own, and the chart
     variants = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == by_name["evaluate"].info.run_id}
     assert variants == {"demo/evaluate/real", "demo/evaluate/real+kept"}
@@ -192,7 +196,7 @@ def test_demo_records_one_run_per_stage(demo):
     assert jobs["demo-controlnet"].data.tags["diffplat.kind"] == "controlnet"
     assert by_name["demo"].data.params["train.lora.rank"] == "8"
     loss = client.get_metric_history(by_name["train"].info.run_id, "loss")
-    assert [m.step for m in loss] == [5, 10, 15, 20, 25, 30]
+    assert [m.step for m in loss] == list(range(5, 61, 5))
     assert by_name["generate"].data.metrics["images"] == 6
     assert "contact_sheet.png" in [a.path for a in client.list_artifacts(by_name["generate"].info.run_id)]
     assert "annotated_sheet.png" in [a.path for a in client.list_artifacts(by_name["filter"].info.run_id)]
@@ -204,7 +208,11 @@ def test_demo_records_one_run_per_stage(demo):
     cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
     assert set(cn_stages) == {"train", "generate", "filter"}
-    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [10, 20]
+    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [75, 150]
+    pre_stages = {r.data.tags["diffplat.stage"]: r for r in runs
+                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-pretrain"].info.run_id}  # fmt: skip
+    assert set(pre_stages) == {"prepare", "cache", "train"}
+    assert jobs["demo-pretrain"].data.tags["diffplat.kind"] == "full"
 
 
 def test_demo_lora_in_stock_diffusers(demo):
@@ -233,7 +241,7 @@ def test_demo_controlnet_leg(demo):
 
     out = demo[0]
     info = json.loads((out / "adapters" / "controlnet" / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 150
     assert ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True) is not None
     images = sorted(p.name for p in (out / "controlnet" / "images").glob("*.png"))
     assert len(images) == 4 and all(name.startswith("synth-") for name in images)  # named after their masks
@@ -378,7 +386,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(folder.glob("*.bin"))
     info = json.loads((folder / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 150
     trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
     fresh = ControlNetModel.from_unet(unet)

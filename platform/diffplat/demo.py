@@ -34,7 +34,7 @@ log = logging.getLogger("diffplat")
 # its shards and the LoRA leg's evaluate stage takes its BDD -> YOLO export as the real set.
 DEMO_JOBS = {"pretrain": "demo_pretrain.yaml", "lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml",
              "controlnet": "demo_controlnet.yaml", "flux": "demo_flux.yaml"}  # fmt: skip
-FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 200
+FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 150
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:
@@ -93,9 +93,8 @@ def summary(out: Path, setup: float, results: dict[str, JobResult], measures: di
     for leg, result in results.items():
         lines.append(f"  {leg:<10} " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in result.seconds.items()))
     lora, ic, cn = results["lora"].outputs, results["ic_lora"].outputs, results["controlnet"].outputs
-    prep, cache, train, gen, filt, ev = (lora.get(k, {}) for k in ("prepare", "cache", "train", "generate", "filter",
-                                                                    "evaluate"))  # fmt: skip
-    pre_prep, pre_train = (results["pretrain"].outputs.get(k, {}) for k in ("prepare", "train"))
+    prep, train, gen, filt, ev = (lora.get(k, {}) for k in ("prepare", "train", "generate", "filter", "evaluate"))
+    pre_prep, pre_cache, pre_train = (results["pretrain"].outputs.get(k, {}) for k in ("prepare", "cache", "train"))
     ic_prep, ic_train, ic_gen = (ic.get(k, {}) for k in ("prepare", "train", "generate"))
     cn_train, cn_gen, cn_filt = (cn.get(k, {}) for k in ("train", "generate", "filter"))
     fx_prep, fx_train, fx_gen = (results["flux"].outputs.get(k, {}) for k in ("prepare", "train", "generate"))
@@ -107,11 +106,11 @@ def summary(out: Path, setup: float, results: dict[str, JobResult], measures: di
     registered = ", ".join(m.removeprefix("models:/") for m in models if m) + " (alias demo: models:/<name>@demo)"
     lines += [
         f"  in {out}:",
-        f"    data/ {pre_prep.get('rows_written')} rows (skipped {pre_prep.get('skipped')}) -> base-model/ (a full "
-        f"fine-tune of base-model-random's UNet, {loss(pre_train)})",
-        f"    data-night/ {prep.get('rows_written')} night rows, cache/ {cache.get('rows')} rows of latents + "
-        "embeddings",
-        f"    adapters/lora ({loss(train)}, trained from the cache), adapters/ic_lora ({loss(ic_train)}), "
+        f"    data/ {pre_prep.get('rows_written')} rows (skipped {pre_prep.get('skipped')}), cache-pretrain/ "
+        f"{pre_cache.get('rows')} rows of latents + embeddings -> base-model/ (a full fine-tune of "
+        f"base-model-random's UNet from the cache, {loss(pre_train)})",
+        f"    data-night/ {prep.get('rows_written')} night rows -> adapters/lora ({loss(train)}), adapters/ic_lora "
+        f"({loss(ic_train)}), "
         f"adapters/controlnet ({loss(cn_train)})",
         f"    generations/ {gen.get('images')} images, kept {filt.get('kept')}: generations/gallery/index.html",
         f"    evaluation/ mAP50-95 real {ev.get('real/map50_95', float('nan')):.3f}, real+kept "

@@ -2,6 +2,8 @@
 prompts, seeds and inputs through both, the pictures kept side by side, a number computed from
 them (evaluate/quality.py), written to quality.json and logged to MLflow.
 
+- pretraining: the base before (random UNet) and after its full fine-tune; how much of each
+  image's colour variance its rows explain (a scene is layered: sky, buildings, road).
 - LoRA (trained on night scenes only): prompts that name no time of day; the sky of its images
   against the base's, as distances to the night training images' mean sky colour.
 - ControlNet: held-out segmentation maps (bdd-val) and their captions; how much of each image's
@@ -20,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffplat.evaluate.quality import colour_distance, map_agreement, panel_agreement, sky_colour
+from diffplat.evaluate.quality import colour_distance, map_agreement, panel_agreement, row_structure, sky_colour
 
 SEEDS = (0, 1, 2, 3)
 STEPS = 20
 GUIDANCE = 5.0
 SIZE = (128, 64)  # the demo's training resolution (width height)
+PRETRAIN_PROMPTS = ("a driving scene on a city street, in daytime, with 2 cars", "a driving scene on a highway, at night")
 LORA_PROMPTS = ("a driving scene on a city street, with 2 cars", "a driving scene on a highway, with 1 truck")
 IC_LAYOUT, IC_PANELS = "2x2", (2, 3)
 
@@ -41,6 +44,22 @@ def _draw(pipe, calls: list[tuple[int, dict]]) -> list[Image.Image]:
 
 def _mean(values) -> float:
     return round(float(np.mean(list(values))), 4)
+
+
+def pretrain_quality(random_base: Path, base: Path, real: list[Image.Image], pictures: Path) -> dict:
+    from diffplat.models.loading import load_pipeline
+    from diffplat.pictures import labelled_rows
+
+    calls = [(seed, {"prompt": prompt}) for prompt in PRETRAIN_PROMPTS for seed in SEEDS]
+    before = _draw(load_pipeline(str(random_base)), calls)
+    after = _draw(load_pipeline(str(base)), calls)
+    real = real[: len(calls)]
+    labelled_rows([before, after, real], ["random UNet", "pretrained", "real"], thumb_width=192).save(
+        pictures / "pretrain.png")
+    layered = lambda images: _mean(row_structure(i) for i in images)  # noqa: E731
+    return {"measure": "share of each image's colour variance its rows explain (a scene is layered; noise is not)",
+            "base": layered(before), "adapter": layered(after), "better": "higher", "images": len(after),
+            "real_images": layered(real), "prompts": list(PRETRAIN_PROMPTS), "picture": "quality/pretrain.png"}  # fmt: skip
 
 
 def lora_quality(base: Path, lora: Path, training_shards: Path, pictures: Path) -> dict:
@@ -169,7 +188,9 @@ def measure_demo(out: Path) -> dict:
     """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
     pictures = out / "quality"
     pictures.mkdir(exist_ok=True)
+    real = [r for _, _, r in held_out_maps(out / "bdd-val", count=8)]
     return {
+        "pretrain": pretrain_quality(out / "base-model-random", out / "base-model", real, pictures),
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
         "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet",
                                          held_out_maps(out / "bdd-val"), pictures),  # fmt: skip
@@ -205,7 +226,7 @@ def log_quality(out: Path, measures: dict, tracking_uri: str, experiment_id: str
 
 
 def summary_lines(measures: dict) -> list[str]:
-    names = {"lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
+    names = {"pretrain": "pretrained", "lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
     lines = []
     for leg, m in measures.items():
         after = "with kept" if leg == "evaluate" else "trained"

@@ -6,6 +6,8 @@ images: numpy on RGB arrays, no model.
 - `map_agreement`: the share of an image's colour variance that the regions of a segmentation
   map explain (1 - within-region variance / total variance); an image that follows its map has
   flat regions with edges where the map has them.
+- `row_structure`: the share of an image's colour variance its rows explain; a driving scene is
+  layered (sky, buildings, road), noise is not: a base that has learnt the scenes draws layers.
 - `panel_agreement`: how far the sky colour of a composite's filled panels is from its visible
   panels' (same time of day in every panel of a demo composite, so a good fill matches).
 """
@@ -51,6 +53,16 @@ def map_agreement(image, colour_map) -> float:
     means = np.stack([np.bincount(region, weights=pixels[:, c]) for c in range(3)], axis=1) / counts[:, None]
     within = ((pixels - means[region]) ** 2).sum()
     return float(1 - within / total)
+
+
+def row_structure(image) -> float:
+    """Share of the image's colour variance explained by its rows (1 - within-row variance /
+    total variance), in [0, 1]."""
+    pixels = _rgb(image)
+    total = ((pixels - pixels.reshape(-1, 3).mean(axis=0)) ** 2).sum()
+    if total == 0:
+        return 0.0
+    return float(1 - ((pixels - pixels.mean(axis=1, keepdims=True)) ** 2).sum() / total)
 
 
 def panel_agreement(composite, layout, filled: list[int], rows: float = SKY_ROWS) -> float:
