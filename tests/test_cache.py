@@ -210,3 +210,17 @@ def test_what_cannot_train_from_a_cache_is_refused_by_name(tmp_path, tiny_sdxl_i
                                                "base_model": str(tiny_sdxl_inpaint)}})  # fmt: skip
     with pytest.raises(PreflightError, match="^train.cache: nowhere is not a folder"):
         check_job_paths(job, lambda v: tmp_path / v)
+
+
+def test_repeats_make_one_epoch_several_passes_in_the_same_order(cached):
+    """train.repeats (kohya's num_repeats): a tiny dataset would otherwise end its epoch every
+    few steps, and each epoch restarts Ray Data's reading. Each pass is the cache's rows in order."""
+    from diffplat.data.cache import cached_dataset
+    from diffplat.data.pipeline import training_dataset
+
+    work = cached[0]
+    once = [r["id"] for r in cached_dataset(str(work / "cache"), conditioning=False).iter_rows()]
+    thrice = [r["id"] for r in cached_dataset(str(work / "cache"), conditioning=False, repeats=3).iter_rows()]
+    assert len(once) > 4 and sorted(thrice) == sorted(once * 3)
+    rows = training_dataset(str(work / "data" / "shards"), (64, 64), True, False, 0, repeats=2).count()
+    assert rows == 2 * training_dataset(str(work / "data" / "shards"), (64, 64), True, False, 0).count()

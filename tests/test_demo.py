@@ -45,7 +45,7 @@ def test_demo_writes_every_stage(demo):
                   "controlnet", "flux", "quality.json"):
         assert stage in stdout
     assert f"diffplat mlflow --workdir {out}" in stdout
-    # one screen: diffplat's lines and summary (about 72 lines in all in a quiet run, 10 of them the
+    # one screen: diffplat's lines and summary (about 70 lines in all in a quiet run, 10 of them the
     # evaluate stage's table, which is not counted here; Ray's own C++ and thread warnings still
     # get through, more of them on a loaded machine), the other libraries kept out. Progress lines
     # ("12/30 ...") come every 10 seconds, so their number follows the machine's speed: not counted.
@@ -53,7 +53,7 @@ def test_demo_writes_every_stage(demo):
     summary = stdout[stdout.index("diffplat demo: done"):].strip().splitlines()
     ours = [line for line in lines if line.startswith("[diffplat]")] + summary
     progress = re.compile(r"^\[diffplat\] [\w ]+: (step )?\d+/\d+ ")
-    assert len([line for line in ours if not progress.match(line)]) <= 60, "\n".join(ours)
+    assert len([line for line in ours if not progress.match(line)]) <= 64, "\n".join(ours)
     # counted in the text, not per line: a line forwarded from a worker can land inside another
     jobs = re.findall(r"\[diffplat\] job ([\w-]+): ([\w >-]+)", stdout + stderr)
     assert jobs == [("demo-pretrain", "prepare -> cache -> train"),
@@ -69,10 +69,11 @@ def test_demo_evaluate_leg(demo):
     out, stdout, _ = demo
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["real", "real+kept"] and not report["failed"]
-    assert report["variants"][1]["train_images"] == {"real": 120, "kept": 4}
+    night = json.loads((out / "data-night" / "prepare_report.json").read_text())["rows_written"]
+    assert report["variants"][1]["train_images"] == {"real": night, "kept": 4}  # the LoRA leg's night frames
     assert report["val"]["images"] == 20  # 24 drawn, 4 of them masks without a label record
     assert (out / "evaluation" / "comparison.png").is_file() and (out / "evaluation" / "report.txt").is_file()
-    assert "on 20 held-out frames" in stdout
+    assert not stdout or "on 20 held-out frames" in stdout
 
 
 def test_demo_ic_lora_leg(demo):
@@ -151,7 +152,7 @@ def test_demo_adapters_are_registered_models_with_an_alias_over_rest(demo, monke
             assert len(tags["diffplat.dataset_digest"]) == 16 and "demo" in version["aliases"]
         found = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]],
                                                           "filter": "tags.`diffplat.stage` = 'train'"}).json()["runs"]  # fmt: skip
-        assert len(found) == 4
+        assert len(found) == 5  # the pretraining's too
         for run in found:
             (used,) = run["inputs"]["dataset_inputs"]
             assert used["dataset"]["digest"] and json.loads(used["dataset"]["profile"])["num_rows"] > 0, used
@@ -208,11 +209,45 @@ def test_demo_records_one_run_per_stage(demo):
     cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
     assert set(cn_stages) == {"train", "generate", "filter"}
-    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [75, 150]
+    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [10, 20]
     pre_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                   if r.data.tags.get("mlflow.parentRunId") == jobs["demo-pretrain"].info.run_id}  # fmt: skip
     assert set(pre_stages) == {"prepare", "cache", "train"}
     assert jobs["demo-pretrain"].data.tags["diffplat.kind"] == "full"
+
+
+def test_demo_measures_what_its_adapters_learnt(demo):
+    """quality.json holds each measure beside its baseline (the same prompts, seeds and inputs
+    without the adapter; an untrained adapter gives the baseline exactly), with thresholds well
+    clear of it: a change that breaks conditioning, latent scaling or the pretraining fails here."""
+    import mlflow
+
+    out, stdout, _ = demo
+    measures = json.loads((out / "quality.json").read_text())
+    assert list(measures) == ["pretrain", "lora", "controlnet", "ic_lora", "evaluate"]
+    for leg, m in measures.items():
+        assert {"measure", "base", "adapter", "better"} <= set(m), leg
+        if leg != "evaluate":
+            assert (out / m["picture"]).is_file(), leg
+    pre, lora, cn = measures["pretrain"], measures["lora"], measures["controlnet"]
+    # a random UNet draws noise (rows explain under 0.2 of its colour variance); the pretrained
+    # base draws layered scenes: sky, buildings, road (real frames: about 0.65)
+    assert pre["base"] < 0.2 < 0.35 < pre["adapter"], pre
+    # the night LoRA's skies, for prompts that name no time of day: at most half as far from the
+    # night training images' sky as the base's
+    assert lora["adapter"] < 0.5 * lora["base"], lora
+    # The ControlNet's 20 steps do not make it follow maps yet (its zero convolutions first learn
+    # a residual that ignores the map): measured beside its baseline, no threshold yet.
+    assert 0 <= cn["base"] <= 1 and 0 <= cn["adapter"] <= 1 and cn["real_images"] > 0.6, cn
+    assert 0 <= measures["ic_lora"]["adapter"] <= 442 and measures["evaluate"]["base"] >= 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("diffplat-demo")
+    [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'demo-quality'")
+    assert run.data.metrics["lora/adapter"] == pytest.approx(lora["adapter"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "quality")} >= {
+        "quality/pretrain.png", "quality/lora.png", "quality/controlnet.png", "quality/ic_lora.png"}
+    if stdout:  # (empty when DIFFPLAT_TEST_DEMO names an earlier demo)
+        assert f"LoRA       base {lora['base']:7.3f} -> trained {lora['adapter']:7.3f}" in stdout
 
 
 def test_demo_lora_in_stock_diffusers(demo):
@@ -241,7 +276,7 @@ def test_demo_controlnet_leg(demo):
 
     out = demo[0]
     info = json.loads((out / "adapters" / "controlnet" / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 150
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
     assert ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True) is not None
     images = sorted(p.name for p in (out / "controlnet" / "images").glob("*.png"))
     assert len(images) == 4 and all(name.startswith("synth-") for name in images)  # named after their masks
@@ -317,7 +352,7 @@ def test_ic_lora_bulk_fill_changes_named_panels_and_keeps_the_rest(demo):
     fills = demo[0] / "ic_lora"
     meta = [json.loads(l) for l in (fills / "metadata.jsonl").read_text().splitlines()]
     composites = sorted((demo[0] / "data-ic" / "composites").glob("*.png"))
-    assert len(meta) == len(composites) >= 4
+    assert len(meta) == min(len(composites), 6) >= 4  # generate.max_images
     layout = Layout.parse("2x2")
     for record in meta:
         original = np.asarray(Image.open(record["input"]).convert("RGB"), dtype=np.int16)
@@ -386,7 +421,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(folder.glob("*.bin"))
     info = json.loads((folder / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 150
+    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
     trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
     fresh = ControlNetModel.from_unet(unet)

@@ -74,9 +74,7 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
     demo_quality.write_quality(out, measures)
     first = results["pretrain"]
     demo_quality.log_quality(out, measures, first.tracking_uri, _experiment_id(first))
-    log.info("demo: the adapters measured against their bases in %.0f s: quality.json, quality/*.png",
-             time.perf_counter() - start)  # fmt: skip
-    print(summary(out, setup, results, measures))
+    print(summary(out, setup, results, measures, time.perf_counter() - start))
     return results
 
 
@@ -86,9 +84,9 @@ def _experiment_id(result: JobResult) -> str:
     return MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).info.experiment_id
 
 
-def summary(out: Path, setup: float, results: dict[str, JobResult], measures: dict) -> str:
+def summary(out: Path, setup: float, results: dict[str, JobResult], measures: dict, measuring: float) -> str:
     """One screen: where each job's time went, what it wrote, and what to open next."""
-    total = setup + sum(sum(r.seconds.values()) for r in results.values())
+    total = setup + sum(sum(r.seconds.values()) for r in results.values()) + measuring
     lines = ["", f"diffplat demo: done in {total:.0f} s (setup {setup:.0f} s)"]
     for leg, result in results.items():
         lines.append(f"  {leg:<10} " + ", ".join(f"{stage} {secs:.0f} s" for stage, secs in result.seconds.items()))
@@ -112,24 +110,21 @@ def summary(out: Path, setup: float, results: dict[str, JobResult], measures: di
         f"    data-night/ {prep.get('rows_written')} night rows -> adapters/lora ({loss(train)}), adapters/ic_lora "
         f"({loss(ic_train)}), "
         f"adapters/controlnet ({loss(cn_train)})",
-        f"    generations/ {gen.get('images')} images, kept {filt.get('kept')}: generations/gallery/index.html",
-        f"    evaluation/ mAP50-95 real {ev.get('real/map50_95', float('nan')):.3f}, real+kept "
+        f"    generations/ {gen.get('images')} images, kept {filt.get('kept')} (gallery/index.html); evaluation/ "
+        f"mAP50-95 real {ev.get('real/map50_95', float('nan')):.3f}, real+kept "
         f"{ev.get('real+kept/map50_95', float('nan')):.3f} on {ev.get('val_images')} held-out frames: report.txt, "
         "comparison.png",
         f"    data-ic/composites/ {ic_prep.get('rows_written')} of layout {ic_prep.get('layout')}, ic_lora/ "
-        f"{ic_gen.get('images')} filled (comparisons/)",
-        f"    controlnet/ {cn_gen.get('images')} images from maps (comparisons/), kept {cn_filt.get('kept')}",
+        f"{ic_gen.get('images')} filled (comparisons/); controlnet/ {cn_gen.get('images')} images from maps, kept "
+        f"{cn_filt.get('kept')}",
         f"    FLUX.1: data-flux/composites/ {fx_prep.get('rows_written')} of layout 3x1, adapters/flux_ic_lora "
         f"({loss(fx_train)}), flux/ {fx_gen.get('images')} with frame 2 filled (comparisons/)",
-        "  what each adapter changed, against its base with the same prompts and seeds (quality.json, "
-        "quality/*.png):",
+        f"  what each adapter changed, against its base with the same prompts and seeds ({measuring:.0f} s; "
+        "quality.json, quality/*.png):",
         *demo_quality.summary_lines(measures),
         f"  MLflow's model registry: {registered}",
-        f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}",
-        f"    then {runs_page('http://127.0.0.1:5000', experiment)}",
-        "  fill panels of a composite yourself (source 1's flags):",
-        f"    .venv/bin/diffplat ic-lora-infer --lora_path {out / 'adapters/ic_lora'} --input_image "
-        f"{out / 'data-ic/composites/composite-00000.png'} --prompt \"...\" --panels_to_inpaint 2 3",
+        f"  the MLflow dashboard of these runs: .venv/bin/diffplat mlflow --workdir {out}, then "
+        f"{runs_page('http://127.0.0.1:5000', experiment)}",
         "",
     ]
     return "\n".join(lines)

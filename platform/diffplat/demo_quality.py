@@ -229,7 +229,9 @@ def summary_lines(measures: dict) -> list[str]:
     names = {"pretrain": "pretrained", "lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
     lines = []
     for leg, m in measures.items():
-        after = "with kept" if leg == "evaluate" else "trained"
+        if leg == "evaluate":  # the summary's evaluation line gives these
+            continue
+        after = "trained"
         lines.append(f"    {names[leg]:<10} base {m['base']:7.3f} -> {after} {m['adapter']:7.3f}  "
                      f"({m['better']} is better: {m['measure'].split(' (')[0]})")  # fmt: skip
     return lines
