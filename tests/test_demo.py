@@ -232,7 +232,7 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     pre, lora, cn = measures["pretrain"], measures["lora"], measures["controlnet"]
     # a random UNet draws noise (rows explain under 0.2 of its colour variance); the pretrained
     # base draws layered scenes: sky, buildings, road (real frames: about 0.65)
-    assert pre["base"] < 0.2 < 0.35 < pre["adapter"], pre
+    assert pre["base"] < 0.2 < 0.3 < pre["adapter"], pre
     # the night LoRA's skies, for prompts that name no time of day: at most half as far from the
     # night training images' sky as the base's
     assert lora["adapter"] < 0.5 * lora["base"], lora
