@@ -123,5 +123,8 @@ def test_the_dashboard_stops_its_server_on_a_signal(tmp_path, sig):
         for process in family:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-    with socket.socket() as s:  # the port is free: binding it again works
+    with socket.socket() as s:  # the port is free: a new server binds it again
+        # as servers do (uvicorn, gunicorn): a closed connection's TIME_WAIT does not block the
+        # bind, a process still listening does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
