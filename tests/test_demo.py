@@ -216,6 +216,37 @@ def test_demo_records_one_run_per_stage(demo):
     assert jobs["demo-pretrain"].data.tags["diffplat.kind"] == "full"
 
 
+def test_demo_pretraining_writes_a_whole_model(demo):
+    """kind full (the demo's first job: 2 workers, ZeRO-2, from the cache): every UNet weight
+    trained; the output is a whole model, the base's other parts unchanged, that stock diffusers
+    loads; MLflow gets its record, not a copy (a whole model is GBs at full size)."""
+    import hashlib
+
+    import mlflow
+    from diffusers import StableDiffusionXLPipeline
+
+    out = demo[0]
+    random, trained = out / "base-model-random", out / "base-model"
+    info = json.loads((trained / "adapter_info.json").read_text())
+    assert info["kind"] == "full" and info["step"] == 400 and info["workers"] == 2
+    digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
+    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"):
+        for f in (random / part).iterdir():
+            assert digest(trained / part / f.name) == digest(f), f"{part}/{f.name} changed"
+    before = load_file(random / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(trained / "unet" / "diffusion_pytorch_model.safetensors")
+    assert after.keys() == before.keys()
+    moved = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(moved) > 0.9 * len(after), f"only {len(moved)} of {len(after)} UNet tensors trained"
+    pipe = StableDiffusionXLPipeline.from_pretrained(trained, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a road at night", width=64, height=64, num_inference_steps=2).images[0].size == (64, 64)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
+                               "tags.`diffplat.job` = 'demo-pretrain' and tags.`diffplat.stage` = 'train'")  # fmt: skip
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/adapter_info.json"]
+
+
 def test_demo_measures_what_its_adapters_learnt(demo):
     """quality.json holds each measure beside its baseline (the same prompts, seeds and inputs
     without the adapter; an untrained adapter gives the baseline exactly), with thresholds well
