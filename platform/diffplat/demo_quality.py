@@ -133,11 +133,7 @@ def _frames(bdd_dir: Path) -> dict:
     """A synthetic BDD folder's labelled frames by image stem."""
     from diffplat.data import bdd
 
-    frames = {}
-    for path in sorted((bdd_dir / "labels").glob("*.json")):
-        found, _ = bdd.load_label_file(path)
-        frames.update({Path(name).stem: frame for name, frame in found.items()})
-    return frames
+    return bdd.frames_by_stem(sorted((bdd_dir / "labels").glob("*.json")))
 
 
 def held_out_maps(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image, str, Image.Image]]:
@@ -188,12 +184,11 @@ def measure_demo(out: Path) -> dict:
     """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
     pictures = out / "quality"
     pictures.mkdir(exist_ok=True)
-    real = [r for _, _, r in held_out_maps(out / "bdd-val", count=8)]
+    maps = held_out_maps(out / "bdd-val", count=8)  # read once: their frames are the real reference too
     return {
-        "pretrain": pretrain_quality(out / "base-model-random", out / "base-model", real, pictures),
+        "pretrain": pretrain_quality(out / "base-model-random", out / "base-model", [r for _, _, r in maps], pictures),
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
-        "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet",
-                                         held_out_maps(out / "bdd-val"), pictures),  # fmt: skip
+        "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures),
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
                                    held_out_composites(out / "bdd-val"), pictures),  # fmt: skip
         "evaluate": detector_quality(out / "evaluation" / "report.json"),

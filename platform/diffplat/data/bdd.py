@@ -288,6 +288,16 @@ WEATHER_PHRASES = {"clear": "in clear weather", "overcast": "under an overcast s
 CAPTION_TEMPLATE = "a driving scene {scene}, {time}, {weather}, with {objects}"
 
 
+def frames_by_stem(label_files) -> dict[str, "FrameLabels"]:
+    """The usable frames of several label files, keyed by image stem (the name a mask or a
+    generated image carries); records a file skips are left out."""
+    frames = {}
+    for path in label_files:
+        found, _ = load_label_file(Path(path))
+        frames.update({Path(name).stem: frame for name, frame in found.items()})
+    return frames
+
+
 def caption_from_labels(frame: FrameLabels, prefix: str = "", template: str = CAPTION_TEMPLATE) -> str:
     """e.g. "a driving scene on a city street, in daytime, in clear weather, with 3 cars and 1
     pedestrian". `template` is cut at ", ": a part whose fields all came out empty is left out

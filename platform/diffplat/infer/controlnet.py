@@ -25,10 +25,7 @@ def map_requests(config: GenerateConfig, maps: Path, captions: Path | None, bdd_
 
     if not maps.is_dir():
         raise FileNotFoundError(f"generate.controlnet.maps: {maps} is not a folder")
-    frames = {}
-    for path in bdd_labels:
-        found, _ = bdd.load_label_file(path)
-        frames.update({Path(name).stem: frame for name, frame in found.items()})
+    frames = bdd.frames_by_stem(bdd_labels)
     rows, skipped, named = [], [], {}
     for path in list_images(maps):
         stem = map_stem(path)
