@@ -58,7 +58,7 @@ def test_demo_writes_every_stage(demo):
     jobs = re.findall(r"\[diffplat\] job ([\w-]+): ([\w >-]+)", stdout + stderr)
     assert jobs == [("demo-pretrain", "prepare -> cache -> train"),
                     ("demo", "prepare -> train -> generate -> filter -> evaluate"),
-                    ("demo-ic-lora", "prepare -> train -> generate"), ("demo-controlnet", "train -> generate -> filter"),
+                    ("demo-ic-lora", "prepare -> train -> generate"), ("demo-controlnet", "train -> generate"),
                     ("demo-flux", "prepare -> train -> generate")]  # fmt: skip
     noise = ("Warning:", "it/s]", "Reporting training result", "Loading weights", "deepspeed", "Starting execution")
     assert not [line for line in lines if any(n in line for n in noise)]
@@ -208,7 +208,7 @@ def test_demo_records_one_run_per_stage(demo):
     assert "comparison_sheet.png" in [a.path for a in client.list_artifacts(ic_stages["generate"].info.run_id)]
     cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
-    assert set(cn_stages) == {"train", "generate", "filter"}
+    assert set(cn_stages) == {"train", "generate"}
     assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [10, 20]
     pre_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                   if r.data.tags.get("mlflow.parentRunId") == jobs["demo-pretrain"].info.run_id}  # fmt: skip
@@ -311,8 +311,7 @@ def test_demo_controlnet_leg(demo):
     assert ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True) is not None
     images = sorted(p.name for p in (out / "controlnet" / "images").glob("*.png"))
     assert len(images) == 4 and all(name.startswith("synth-") for name in images)  # named after their masks
-    report = json.loads((out / "controlnet" / "filter_report.json").read_text())
-    assert report["images"] == 4
+    assert sorted(p.name for p in (out / "controlnet" / "comparisons").glob("*.png")) == images  # map | image
 
 
 def test_demo_ic_lora_in_stock_diffusers(demo):
@@ -453,6 +452,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     assert not list(folder.glob("*.bin"))
     info = json.loads((folder / "adapter_info.json").read_text())
     assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert info["conditioning_init"] == "kaiming"
     trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
     fresh = ControlNetModel.from_unet(unet)
@@ -485,9 +485,10 @@ def test_demo_controlnet_in_stock_diffusers(demo):
                  generator=torch.Generator().manual_seed(0), **kw).images[0]  # fmt: skip
 
     a, b = image(maps[0]), image(maps[2])
-    # the map reaches the image; by little: the demo's 20 steps do not make the ControlNet follow
-    # maps yet (quality.json's controlnet measure)
-    assert np.abs(a - b).max() > 0, "two different maps must give two different images"
+    # the map reaches the image: 0.006 apart at most, measured, with the demo's kaiming-initialised
+    # conditioning embedding; under torch's default init the images stayed within 5e-4 (byte-equal
+    # after 100 steps). 20 steps do not make the ControlNet follow maps yet (quality.json).
+    assert np.abs(a - b).max() > 1e-3, "two different maps must give two different images"
     base = StableDiffusionXLPipeline.from_pretrained(out / "base-model", local_files_only=True)
     base.set_progress_bar_config(disable=True)
     assert np.array_equal(image(maps[0], scale=0.0), image(None, p=base))

@@ -34,12 +34,15 @@ IC_LAYOUT, IC_PANELS = "2x2", (2, 3)
 
 
 def _draw(pipe, calls: list[tuple[int, dict]]) -> list[Image.Image]:
-    """One image per (seed, pipeline arguments), at the demo's size and step count."""
+    """One image per (seed, pipeline arguments), at the demo's size and step count: one batched
+    call, each image from its own seeded generator (the same images as one call each)."""
     import torch
 
     width, height = SIZE
-    return [pipe(**call, width=width, height=height, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                 generator=torch.Generator().manual_seed(seed)).images[0] for seed, call in calls]  # fmt: skip
+    keys = calls[0][1].keys()
+    batch = {key: [call[key] for _, call in calls] for key in keys}
+    return pipe(**batch, width=width, height=height, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=[torch.Generator().manual_seed(seed) for seed, _ in calls]).images
 
 
 def _mean(values) -> float:

@@ -86,6 +86,12 @@ class AiToolkitLayout(_Strict):
 class ControlNetSettings(_Strict):
     init: str | None = Field(None, description="an existing ControlNet (folder or hub id) to go on from; "
                              "None: a new one from the base UNet")  # fmt: skip
+    conditioning_init: Literal["default", "kaiming"] = Field(
+        "default", description="how a new ControlNet's conditioning embedding (the convolutions that turn the map "
+        "into features) starts. default: as diffusers' ControlNetModel.from_unet (torch's default init, which "
+        "shrinks a signal at each layer: two different maps give features about 1000x closer than the maps are, "
+        "and following maps comes late). kaiming: He-normal for those convolutions, so the map's detail reaches the "
+        "last one; that last one stays zero, so the ControlNet still starts as a no-op")  # fmt: skip
 
 
 class FlowSettings(_Strict):

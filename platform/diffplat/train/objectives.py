@@ -374,7 +374,8 @@ class ControlNetObjective(DiffusionObjective):
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
-        self.controlnet = self.family.new_controlnet(self.parts.denoiser, config.controlnet.init)
+        self.controlnet = self.family.new_controlnet(self.parts.denoiser, config.controlnet.init,
+                                                     conditioning_init=config.controlnet.conditioning_init)
         self.parts.denoiser.requires_grad_(False).to(device, self.weight_dtype).eval()
         self.controlnet.train()
         if config.gradient_checkpointing:
@@ -415,6 +416,7 @@ class ControlNetObjective(DiffusionObjective):
 
     def made_how(self) -> dict:
         return {"kind": "controlnet", "family": self.family.name, "init": self.config.controlnet.init or "base UNet",
+                "conditioning_init": self.config.controlnet.conditioning_init,
                 "max_token_length": self.config.max_token_length, "prediction_type": self.prediction_type,
                 "use_ema": self.config.use_ema,
                 "proportion_empty_prompts": self.config.proportion_empty_prompts}  # fmt: skip

@@ -128,8 +128,9 @@ class Family:
         DeepSpeed), called in its own dtype."""
         raise NotImplementedError
 
-    def new_controlnet(self, denoiser, init: str | None, dtype=None):
-        """A ControlNet to train: a saved one from `init`, or one made from the denoiser."""
+    def new_controlnet(self, denoiser, init: str | None, dtype=None, conditioning_init: str = "default"):
+        """A ControlNet to train: a saved one from `init`, or one made from the denoiser (its
+        conditioning embedding initialised as `conditioning_init` says)."""
         raise ValueError(f"train.kind controlnet: ControlNets are trained on SDXL base models, not {self.name}")
 
     def controlnet_predict(self, controlnet, denoiser, latents, t, prompts: Prompts, extra: dict, cond_pixels):

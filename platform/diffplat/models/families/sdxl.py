@@ -108,14 +108,17 @@ class SDXL(Family):
         return self.predict(unet, latents, t, prompts, extra, down_block_additional_residuals=[d.to(frozen) for d in down],
                             mid_block_additional_residual=mid.to(frozen))  # fmt: skip
 
-    def new_controlnet(self, unet, init: str | None, dtype=None):
+    def new_controlnet(self, unet, init: str | None, dtype=None, conditioning_init: str = "default"):
         """A saved ControlNet from `init`, or one copied from the UNet's encoder (its zero
         convolutions make it start as a no-op)."""
         from diffusers import ControlNetModel
 
         if init:
             return ControlNetModel.from_pretrained(init, **({"torch_dtype": dtype} if dtype else {}), **source_kwargs(init))
-        return ControlNetModel.from_unet(unet)
+        controlnet = ControlNetModel.from_unet(unet)
+        if conditioning_init == "kaiming":
+            kaiming_conditioning_embedding(controlnet.controlnet_cond_embedding)
+        return controlnet
 
     def inpaint_input(self, noisy, latent_mask, pixel_mask, masked_latents):
         return torch.cat([noisy, latent_mask.to(noisy.dtype), masked_latents.to(noisy.dtype)], dim=1)
@@ -143,3 +146,13 @@ class SDXL(Family):
 
         return getattr(diffusers, {"text": "StableDiffusionXLPipeline", "inpaint": "StableDiffusionXLInpaintPipeline",
                                    "controlnet": "StableDiffusionXLControlNetPipeline"}[task])  # fmt: skip
+
+
+def kaiming_conditioning_embedding(embedding: torch.nn.Module) -> None:
+    """He-normal weights and zero biases for the conditioning embedding's convolutions before its
+    last (SiLU after each). torch's default init scales each layer's output down by about 3x, so
+    through eight of them two different maps come out nearly alike and the ControlNet first learns
+    a map-free residual; He's keeps the signal's scale. `conv_out` is left at zero."""
+    for conv in (embedding.conv_in, *embedding.blocks):
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
