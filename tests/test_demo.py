@@ -270,7 +270,10 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     # The ControlNet's 20 steps do not make it follow maps yet (its zero convolutions first learn
     # a residual that ignores the map): measured beside its baseline, no threshold yet.
     assert 0 <= cn["base"] <= 1 and 0 <= cn["adapter"] <= 1 and cn["real_images"] > 0.6, cn
-    assert 0 <= measures["ic_lora"]["adapter"] <= 442 and measures["evaluate"]["base"] >= 0
+    assert 0 <= measures["ic_lora"]["adapter"] <= 442
+    # the detector learns the scenes a little (measured mAP50-95 0.096 trained on the real frames
+    # alone, 0.032 with the kept generations; 3 epochs at 64 px had found nothing)
+    assert measures["evaluate"]["base"] > 0 and measures["evaluate"]["adapter"] >= 0, measures["evaluate"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("diffplat-demo")
     [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'demo-quality'")
