@@ -62,7 +62,9 @@ class AdapterCache:
         self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
         self.learnt: dict[str, str | None] = {}  # request name -> the prediction_type it was trained with
         self.loads = self.evictions = self._attempts = 0
-        self._downloads = Path(tempfile.mkdtemp(prefix="diffplat-adapters-"))
+        # adapters fetched from MLflow; removed with the cache or when the replica's process ends
+        self._download_dir = tempfile.TemporaryDirectory(prefix="diffplat-adapters-")
+        self._downloads = Path(self._download_dir.name)
 
     def _key(self, name: str) -> str:
         """What a loaded adapter is kept under: its name, with an MLflow alias resolved to the
