@@ -15,7 +15,6 @@ them (evaluate/quality.py), written to quality.json and logged to MLflow.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -66,11 +65,12 @@ def pretrain_quality(random_base: Path, base: Path, real: list[Image.Image], pic
 
 
 def lora_quality(base: Path, lora: Path, training_shards: Path, pictures: Path) -> dict:
+    from diffplat.data.images import decode_image
     from diffplat.data.shards import iter_rows
     from diffplat.models.loading import load_pipeline
     from diffplat.pictures import labelled_rows
 
-    target = np.mean([sky_colour(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+    target = np.mean([sky_colour(decode_image(r["image"])[1])
                       for r in iter_rows(training_shards, columns=["image"])], axis=0)  # fmt: skip
     calls = [(seed, {"prompt": prompt}) for prompt in LORA_PROMPTS for seed in SEEDS]
     before = _draw(load_pipeline(str(base)), calls)

@@ -416,7 +416,8 @@ class ControlNetObjective(DiffusionObjective):
 
     def made_how(self) -> dict:
         return {"kind": "controlnet", "family": self.family.name, "init": self.config.controlnet.init or "base UNet",
-                "conditioning_init": self.config.controlnet.conditioning_init,
+                # an existing ControlNet keeps its own weights: no init applies
+                "conditioning_init": None if self.config.controlnet.init else self.config.controlnet.conditioning_init,
                 "max_token_length": self.config.max_token_length, "prediction_type": self.prediction_type,
                 "use_ema": self.config.use_ema,
                 "proportion_empty_prompts": self.config.proportion_empty_prompts}  # fmt: skip
