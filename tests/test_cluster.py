@@ -84,9 +84,6 @@ def cluster():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `diffplat` is this environment's
     # the HTTP API's key in the cluster's environment: serve/diffplat.yaml (auth: key) refuses to build without it
     env["DIFFPLAT_API_KEY"] = "a-key-for-this-test"
-    # Serve kills an HTTP proxy not ready within 5 s (Ray's default), and `serve deploy` then fails
-    # with the dead proxy's error: on a busy 2-core machine a worker process can take longer to start
-    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)
     client = {**env, "RAY_AUTH_MODE": "token"}  # a client of a token-auth cluster (FACTS: ~/.ray/auth_token)

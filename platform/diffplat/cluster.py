@@ -40,10 +40,15 @@ def starts_own_ray(options: dict) -> bool:
     return options.get("address") == "local"
 
 
-# Ray Train's settings for a Ray of our own, on one machine: nothing there can be preempted (the
+# Settings for a Ray of our own, on one machine. Ray Train: nothing there can be preempted (the
 # watcher only adds an actor and a warning line), and a 2 s status poll, Ray's default for big
-# groups, is a tenth of a short run's whole time (it is paid twice as a run ends).
-ONE_MACHINE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# groups, is a tenth of a short run's whole time (it is paid twice as a run ends). Ray Serve kills
+# an HTTP proxy not ready within 5 s and serve.start then fails: a busy laptop can take longer.
+ONE_MACHINE_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+}
 
 
 def settle_on_one_machine() -> None:

@@ -490,7 +490,7 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
 
     import ray
 
-    from diffplat.cluster import init_options, starts_own_ray
+    from diffplat.cluster import init_options, settle_on_one_machine, starts_own_ray
 
     args, options, http = read_serve_config(path)
     try:
@@ -501,8 +501,8 @@ def serve_forever(path: str | Path, port: int | None = None, workdir: str | Path
     host, port = http.get("host", "127.0.0.1"), port or http.get("port", 8000)
     options_ray = init_options(None, num_cpus)
     own = starts_own_ray(options_ray)  # else a cluster's (RAY_ADDRESS): leave its Serve running
-    if own:  # Serve kills an HTTP proxy not ready in 5 s and fails to start: a busy laptop can take longer
-        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    if own:  # e.g. Serve's patience with a slow HTTP proxy on a busy laptop
+        settle_on_one_machine()
     ray.init(**options_ray, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="diffplat", route_prefix="/")
