@@ -68,9 +68,10 @@ def test_tiny_model_is_reproducible(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir):
-    """`tiny-model --fit-vae`: the VAE learns the images (the corrupt one is passed over), and
-    its scaling_factor gives latents of unit variance."""
+def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir, tiny_sdxl):
+    """`tiny-model --fit-vae --whole-words` (the demo's base): the VAE learns the images (the
+    corrupt one is passed over) with a narrow posterior, its scaling_factor gives latents of unit
+    variance, and the words of BDD captions are single tokens (the tests' models spell them out)."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -80,7 +81,7 @@ def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir):
 
     out = tmp_path / "fitted"
     subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out), "--fit-vae", str(bdd_dir / "images"),
-                    "--fit-steps", "150"], check=True, timeout=300)  # fmt: skip
+                    "--fit-steps", "150", "--whole-words"], check=True, timeout=300)  # fmt: skip
     images, bad = readable_images(bdd_dir / "images")
     assert bad == 1 and len(images) == 12
     pixels = torch.tensor(np.stack([np.asarray(im.resize((128, 64))) for im in images]))
@@ -88,15 +89,26 @@ def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir):
 
     def error(vae):
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode()
-            return torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item(), latents
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.mode()
+            error = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item()
+            return error, latents, float(posterior.std.mean() / latents.std())
 
-    fitted, latents = error(AutoencoderKL.from_pretrained(out, subfolder="vae"))
+    fitted, latents, narrow = error(AutoencoderKL.from_pretrained(out, subfolder="vae"))
     torch.manual_seed(0)
-    random, _ = error(tiny_vae())
+    random, _, wide = error(tiny_vae())
     assert fitted < 0.3 * random, (fitted, random)
     scale = AutoencoderKL.load_config(out, subfolder="vae")["scaling_factor"]
     assert abs(float((latents * scale).std()) - 1) < 0.05
+    # a latent drawn in training is mostly the image, not noise (a random encoder's std is about
+    # half the spread of its means, and a fit with a wide start leaves it there)
+    assert narrow < 0.1 < wide, (narrow, wide)
+    from transformers import CLIPTokenizer
+
+    caption = "a driving scene on a highway, at night, in the rain, with 3 cars and 1 truck"
+    words = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer").tokenize(caption)
+    assert words[:3] == ["a</w>", "driving</w>", "scene</w>"] and len(words) == 20, words
+    assert len(CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer").tokenize(caption)) == 60
 
 
 def test_inpainting_variant_draws_as_its_base_until_trained(tmp_path, tiny_sdxl):

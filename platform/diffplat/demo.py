@@ -83,7 +83,7 @@ def _write_inputs(out: Path) -> float:
     write_synthetic_bdd(out / "bdd", num_images=FRAMES)
     write_synthetic_bdd(out / "bdd-val", num_images=VAL_FRAMES, seed=1)  # held out: evaluate's and quality's
     write_tiny_model(out / "base-model-random", "sdxl", fit_images=readable_images(out / "bdd" / "images")[0],
-                     fit_steps=VAE_FIT_STEPS)  # fmt: skip
+                     fit_steps=VAE_FIT_STEPS, whole_words=True)  # fmt: skip
     write_tiny_model(out / "base-model-flux", "flux")
     return time.perf_counter() - start
 

@@ -3,7 +3,8 @@ prompts, seeds and inputs through both, the pictures kept side by side, a number
 them (evaluate/quality.py), written to quality.json and logged to MLflow.
 
 - pretraining: the base before (random UNet) and after its full fine-tune; how much of each
-  image's colour variance its rows explain (a scene is layered: sky, buildings, road).
+  image's colour variance its rows explain (a scene is layered: sky, buildings, road), and how
+  far apart a daytime and a night prompt put the sky's colour (does it draw what it is told?).
 - LoRA (trained on night scenes only): prompts that name no time of day; the sky of its images
   against the base's, as distances to the night training images' mean sky colour.
 - ControlNet: held-out segmentation maps (bdd-val) and their captions; how much of each image's
@@ -48,7 +49,9 @@ def _mean(values) -> float:
     return round(float(np.mean(list(values))), 4)
 
 
-def pretrain_quality(random_base: Path, base: Path, real: list[Image.Image], pictures: Path) -> dict:
+def pretrain_quality(random_base: Path, base: Path, real: list[Image.Image], pictures: Path) -> tuple[dict, dict]:
+    """Two measures of the same images: how layered they are, and how far apart the skies of
+    the daytime and the night prompt come out (a base that ignores its prompt draws the same)."""
     from diffplat.models.loading import load_pipeline
     from diffplat.pictures import labelled_rows
 
@@ -59,9 +62,19 @@ def pretrain_quality(random_base: Path, base: Path, real: list[Image.Image], pic
     labelled_rows([before, after, real], ["random UNet", "pretrained", "real"], thumb_width=192).save(
         pictures / "pretrain.png")
     layered = lambda images: _mean(row_structure(i) for i in images)  # noqa: E731
-    return {"measure": "share of each image's colour variance its rows explain (a scene is layered; noise is not)",
-            "base": layered(before), "adapter": layered(after), "better": "higher", "images": len(after),
-            "real_images": layered(real), "prompts": list(PRETRAIN_PROMPTS), "picture": "quality/pretrain.png"}  # fmt: skip
+
+    def apart(images: list[Image.Image]) -> float:  # the two prompts' mean sky colours
+        day, night = (np.mean([sky_colour(i) for i in images[k * len(SEEDS):(k + 1) * len(SEEDS)]], axis=0)
+                      for k in (0, 1))  # fmt: skip
+        return round(colour_distance(day, night), 4)
+
+    scenes = {"measure": "share of each image's colour variance its rows explain (a scene is layered; noise is not)",
+              "base": layered(before), "adapter": layered(after), "better": "higher", "images": len(after),
+              "real_images": layered(real), "prompts": list(PRETRAIN_PROMPTS), "picture": "quality/pretrain.png"}  # fmt: skip
+    prompts = {"measure": "distance between the daytime and the night prompt's mean sky colour (RGB 0-255, same seeds)",
+               "base": apart(before), "adapter": apart(after), "better": "higher", "images": len(after),
+               "prompts": list(PRETRAIN_PROMPTS), "picture": "quality/pretrain.png"}  # fmt: skip
+    return scenes, prompts
 
 
 def lora_quality(base: Path, lora: Path, training_shards: Path, pictures: Path) -> dict:
@@ -188,8 +201,10 @@ def measure_demo(out: Path) -> dict:
     pictures = out / "quality"
     pictures.mkdir(exist_ok=True)
     maps = held_out_maps(out / "bdd-val", count=8)  # read once: their frames are the real reference too
+    scenes, prompts = pretrain_quality(out / "base-model-random", out / "base-model", [r for _, _, r in maps], pictures)
     return {
-        "pretrain": pretrain_quality(out / "base-model-random", out / "base-model", [r for _, _, r in maps], pictures),
+        "pretrain": scenes,
+        "prompts": prompts,
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
         "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures),
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
@@ -224,7 +239,7 @@ def log_quality(out: Path, measures: dict, tracking_uri: str, experiment_id: str
 
 
 def summary_lines(measures: dict) -> list[str]:
-    names = {"pretrain": "pretrained", "lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
+    names = {"pretrain": "pretrained", "prompts": "day/night", "lora": "LoRA", "controlnet": "ControlNet", "ic_lora": "IC-LoRA", "evaluate": "detector"}
     lines = []
     for leg, m in measures.items():
         if leg == "evaluate":  # the summary's evaluation line gives these

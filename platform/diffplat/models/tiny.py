@@ -51,10 +51,65 @@ def _byte_vocab() -> dict[str, int]:
     return vocab
 
 
-def write_tokenizer(folder: Path) -> None:
+def _caption_words() -> list[str]:
+    """The words of diffplat's BDD captions (and of composite and mask captions)."""
+    import re
+
+    from diffplat.data import bdd
+
+    phrases = [bdd.CAPTION_TEMPLATE, "and showing [scene] [movie-shots] [bdd]",
+               *bdd.SCENE_PHRASES.values(), *bdd.TIME_PHRASES.values(), *bdd.WEATHER_PHRASES.values(),
+               *bdd.DETECTION_CLASSES, *bdd._PLURALS.values(), *bdd.SEG_CLASSES,
+               *(name + "s" for name in bdd.DETECTION_CLASSES if name not in bdd._PLURALS)]  # fmt: skip
+    return sorted(set(re.findall(r"[a-z]+", " ".join(phrases).lower())))
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one lower-case word (CLIPTokenizer.bpe, without its cache)."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        first, second = parts[i], parts[i + 1]
+        merged, j = [], 0
+        while j < len(parts):  # every occurrence of the pair, left to right
+            if j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(parts[j])
+                j += 1
+        parts = merged
+    return parts
+
+
+def _word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Merges that make each word one token, as a real CLIP vocabulary holds common words whole:
+    prompts that differ in a word ("at night", "in daytime") then differ in a token the model can
+    attend to, not in a run of letters a tiny random encoder blurs together. A merge added for a
+    later word ranks after every earlier one, so earlier words still come out whole."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        while len(parts := _bpe(word, ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(merges)
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_tokenizer(folder: Path, whole_words: bool = False) -> None:
+    """A CLIP tokenizer of bytes, which makes even a short caption a long run of tokens (the tests'
+    models: a few scenes' captions span several CLIP windows). `whole_words`: the words of BDD
+    captions are single tokens too, as in a real CLIP's vocabulary (the demo's model, which must
+    learn what its prompts say)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    vocab, merges = _byte_vocab(), _word_merges(_caption_words()) if whole_words else []
+    for first, second in merges:
+        vocab.setdefault(first + second, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     from transformers import CLIPTokenizer
 
     # model_max_length must be given: without it tokenising fails ("int too big to convert").
@@ -196,8 +251,9 @@ def build_tiny_flux(kind: str, seed: int = 0):
                     tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler)
 
 
-def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
-    """The pipeline object (not saved); weights are random but reproducible from `seed`."""
+def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0, whole_words: bool = False):
+    """The pipeline object (not saved); weights are random but reproducible from `seed`.
+    `whole_words`: see write_tokenizer (SDXL kinds)."""
     if kind in ("flux", "flux-fill"):
         return build_tiny_flux(kind, seed)
     from diffusers import (
@@ -210,7 +266,7 @@ def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0):
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
+        write_tokenizer(Path(tmp), whole_words)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     text_encoder, text_encoder_2 = _text_encoders(len(tokenizer))
     parts = dict(
@@ -238,7 +294,10 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
     """Train a tiny VAE to reconstruct `images` (PIL, resized to `size`, width height), then set
     its scaling_factor (and FLUX's shift_factor) so latents have unit variance, as SDXL's 0.13025
     does for its own VAE. A random VAE decodes any latent to noise; a fitted one makes a model's
-    pictures readable.
+    pictures readable. The posterior's log-variance starts at -8: a random encoder's is about
+    -0.7 (std 0.7, against a spread of 1.2 in the latents' means) and the fit's small KL term
+    leaves it there, so every latent a UNet trained on would be about half noise (measured: the
+    demo's pretraining loss ends at 0.06 instead of 0.2, its scenes sharper).
     Returns the reconstruction PSNR (dB) on the images and the seconds taken."""
     import time
 
@@ -248,6 +307,11 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
     pixels = torch.tensor(np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images]))
     pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
     generator = torch.Generator().manual_seed(seed)
+    quant = getattr(vae, "quant_conv", None)
+    if quant is not None:  # a narrow posterior to start from (std 0.02), see the docstring
+        with torch.no_grad():
+            quant.weight[quant.out_channels // 2 :].zero_()
+            quant.bias[quant.out_channels // 2 :].fill_(-8.0)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     vae.train()
     for _ in range(steps):
@@ -271,11 +335,12 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
 
 
 def write_tiny_model(out: str | Path, kind: TinyKind = "sdxl", seed: int = 0, fit_images: list | None = None,
-                     fit_steps: int = 300) -> Path:
+                     fit_steps: int = 300, whole_words: bool = False) -> Path:
     """Save a tiny pipeline to `out` (safetensors, diffusers layout), replacing it atomically;
-    with `fit_images`, its VAE first learns to reconstruct them (see fit_vae)."""
+    with `fit_images`, its VAE first learns to reconstruct them (see fit_vae); `whole_words`: see
+    write_tokenizer."""
     out = Path(out)
-    pipe = build_tiny_pipeline(kind, seed)
+    pipe = build_tiny_pipeline(kind, seed, whole_words)
     if fit_images:
         import logging
 
