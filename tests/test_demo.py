@@ -314,7 +314,7 @@ def test_demo_controlnet_leg(demo):
 
     out = demo[0]
     info = json.loads((out / "adapters" / "controlnet" / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert info["kind"] == "controlnet" and info["workers"] == 1 and info["step"] == 160
     assert ControlNetModel.from_pretrained(out / "adapters" / "controlnet", local_files_only=True) is not None
     images = sorted(p.name for p in (out / "controlnet" / "images").glob("*.png"))
     assert len(images) == 4 and all(name.startswith("synth-") for name in images)  # named after their masks
@@ -446,10 +446,10 @@ def test_a_job_generates_with_an_adapter_named_by_its_registry_alias(demo, tmp_p
     assert run.data.tags["diffplat.adapter.models:/demo-lora_demo"] == f"models:/demo-lora/{version}"
 
 
-# --- the ControlNet leg (demo_controlnet.yaml: BDD masks -> a ControlNet on 2 workers) ----------------
+# --- the ControlNet leg (demo_controlnet.yaml: BDD masks -> a ControlNet on 1 worker) ----------------
 
 
-def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(demo):
+def test_demo_controlnet_trains_and_saves_a_diffusers_folder(demo):
     import mlflow
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -458,7 +458,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(folder.glob("*.bin"))
     info = json.loads((folder / "adapter_info.json").read_text())
-    assert info["kind"] == "controlnet" and info["workers"] == 2 and info["step"] == 20
+    assert info["kind"] == "controlnet" and info["workers"] == 1 and info["step"] == 160
     assert info["conditioning_init"] == "kaiming"
     trained = ControlNetModel.from_pretrained(folder, local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(out / "base-model", subfolder="unet", local_files_only=True)
@@ -470,7 +470,7 @@ def test_demo_controlnet_trains_with_two_workers_and_saves_a_diffusers_folder(de
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     train = client.search_runs([client.get_experiment_by_name("diffplat-demo").experiment_id],
                                filter_string="tags.`diffplat.job` = 'demo-controlnet' and tags.`diffplat.stage` = 'train'")[0]  # fmt: skip
-    assert [step for step, _ in validation_images(client, train.info.run_id)] == [10, 20]
+    assert [step for step, _ in validation_images(client, train.info.run_id)] == [80, 160]
 
 
 
@@ -494,7 +494,7 @@ def test_demo_controlnet_in_stock_diffusers(demo):
     a, b = image(maps[0]), image(maps[2])
     # the map reaches the image: 0.006 apart at most, measured, with the demo's kaiming-initialised
     # conditioning embedding; under torch's default init the images stayed within 5e-4 (byte-equal
-    # after 100 steps). 20 steps do not make the ControlNet follow maps yet (quality.json).
+    # after 100 steps); how far it follows them is quality.json's (test_demo_measures_...).
     assert np.abs(a - b).max() > 1e-3, "two different maps must give two different images"
     base = StableDiffusionXLPipeline.from_pretrained(out / "base-model", local_files_only=True)
     base.set_progress_bar_config(disable=True)

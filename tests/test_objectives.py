@@ -96,6 +96,43 @@ def test_masked_mode_refuses_a_text_to_image_unet(tiny_sdxl):
         OBJECTIVES["ic_lora"](config, torch.device("cpu"))
 
 
+def test_timestep_bias_draws_as_diffusers_weights_them(tiny_sdxl):
+    """train.timestep_bias is diffusers' --timestep_bias_* (generate_timestep_weights): a range
+    drawn `multiplier` times as often, `later` the noisiest `portion`; FLUX.1 is refused by name."""
+    from diffplat.train.noising import timestep_weights
+
+    bias = {"strategy": "range", "begin": 300, "end": 900, "multiplier": 100}
+    config = TrainConfig(base_model=str(tiny_sdxl), data="unused", max_train_steps=1, timestep_bias=bias,
+                         lora={"target_modules": TARGETS})  # fmt: skip
+    objective = OBJECTIVES["lora"](config, torch.device("cpu"))
+    latents = torch.zeros(4000, 4, 1, 1)
+    _, t, _ = objective.noising(latents, torch.randn_like(latents), torch.Generator().manual_seed(0))
+    inside = ((t >= 300) & (t < 900)).float().mean()
+    assert 0.98 < inside < 1.0, inside  # 60000 / 60400 of the weight
+    later = timestep_weights(TrainConfig.model_validate({**config.model_dump(), "timestep_bias": {
+        "strategy": "later", "portion": 0.25, "multiplier": 3}}).timestep_bias, 1000)  # fmt: skip
+    assert torch.allclose(later[750:], later[999]) and torch.isclose(later[999], 3 * later[0])
+    assert torch.isclose(later.sum(), torch.tensor(1.0))
+    uniform = OBJECTIVES["lora"](config.model_copy(update={"timestep_bias": config.timestep_bias.model_copy(
+        update={"strategy": "none"})}), torch.device("cpu"))  # fmt: skip
+    assert uniform.noising.timestep_weights is None
+    with pytest.raises(ValueError, match="begin .900. must be below end .300."):
+        TrainConfig(base_model="m", data="d", max_train_steps=1, timestep_bias={"strategy": "range", "begin": 900,
+                                                                                "end": 300})  # fmt: skip
+    with pytest.raises(ValueError, match="timestep_bias.end is 2000, but the schedule has 1000 timesteps"):
+        timestep_weights(config.timestep_bias.model_copy(update={"end": 2000}), 1000)
+
+
+def test_timestep_bias_is_refused_on_flux(tiny_flux, tmp_path):
+    from diffplat.config import ConfigError
+    from diffplat.train.trainer import check_training_data
+
+    config = TrainConfig(base_model=str(tiny_flux), data="s3://bucket/shards", max_train_steps=1,
+                         timestep_bias={"strategy": "later", "multiplier": 2})  # fmt: skip
+    with pytest.raises(ConfigError, match="train.timestep_bias: .* is a FLUX.1 model.*flow.timestep_sampling"):
+        check_training_data(config)
+
+
 def test_min_snr_weighting(tiny_sdxl):
     """min(SNR, gamma) / SNR: 1 where the SNR is below gamma (noisy steps), smaller above it."""
     config = TrainConfig(base_model=str(tiny_sdxl), data="unused", max_train_steps=1, snr_gamma=5.0,

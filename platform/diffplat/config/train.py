@@ -110,6 +110,27 @@ class FlowSettings(_Strict):
                                   "1.0; diffusers' train_dreambooth_lora_flux.py uses 3.5")  # fmt: skip
 
 
+class TimestepBias(_Strict):
+    """Which of the DDPM schedule's timesteps training draws more often (SDXL), as diffusers'
+    train_text_to_image_sdxl.py --timestep_bias_*: `later` weights the last `portion` of them
+    (the noisiest) by `multiplier`, `earlier` the first, `range` those in [begin, end). An
+    adapter that must set a picture's layout, a ControlNet's, learns it where the noise hides
+    the layout and the loss still sees it (middle to high timesteps); `none`: uniform."""
+
+    strategy: Literal["none", "earlier", "later", "range"] = "none"
+    multiplier: float = Field(1.0, gt=0, description="how much more often the biased timesteps are drawn")
+    portion: float = Field(0.25, gt=0, le=1, description="earlier, later: the share of the timesteps biased")
+    begin: int = Field(0, ge=0, description="range: the first timestep biased")
+    end: int = Field(1000, gt=0, description="range: the timestep after the last biased (at most the schedule's "
+                     "length, SDXL's 1000)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _range(self) -> "TimestepBias":
+        if self.strategy == "range" and self.begin >= self.end:
+            raise ValueError(f"begin ({self.begin}) must be below end ({self.end})")
+        return self
+
+
 class BucketSettings(_Strict):
     """Aspect-ratio buckets (kohya's enable_bucket): each row trains at the bucket nearest its
     shape, each batch holds one bucket. `resolutions` lists them; empty: derived from the data,
@@ -184,6 +205,7 @@ class TrainConfig(_Strict):
     shuffle_buffer: int = Field(256, ge=0, description="rows each worker shuffles among, reseeded every epoch "
                                 "(Ray Data's local shuffle); 0: shard order")  # fmt: skip
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5.0 is the paper's); None: off")
+    timestep_bias: TimestepBias = TimestepBias()
     checkpointing_steps: int | None = Field(None, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="`latest` (this job's newest checkpoint) or a "

@@ -13,17 +13,24 @@ import torch
 
 
 class DDPMNoising:
-    """SDXL's: integer timesteps uniform over the schedule, DDPM's `add_noise`, an epsilon or
-    velocity target, and optionally min-SNR loss weights (Hang et al. 2023, diffusers'
-    --snr_gamma): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
+    """SDXL's: integer timesteps over the schedule (uniform, or as `timestep_weights` gives
+    them), DDPM's `add_noise`, an epsilon or velocity target, and optionally min-SNR loss weights
+    (Hang et al. 2023, diffusers' --snr_gamma): min(SNR, gamma) / SNR for epsilon, / (SNR + 1)
+    for v-prediction."""
 
-    def __init__(self, scheduler, prediction_type: str, snr_gamma: float | None = None):
+    def __init__(self, scheduler, prediction_type: str, snr_gamma: float | None = None,
+                 timestep_weights: torch.Tensor | None = None):  # fmt: skip
         self.scheduler, self.prediction_type, self.snr_gamma = scheduler, prediction_type, snr_gamma
+        self.timestep_weights = timestep_weights
 
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator):
         """(noisy latents, timesteps, target)."""
         steps = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device).long()
+        if self.timestep_weights is None:
+            t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device).long()
+        else:
+            t = torch.multinomial(self.timestep_weights, latents.shape[0], replacement=True, generator=generator)
+            t = t.to(latents.device).long()
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
         return noisy, t, target
@@ -36,6 +43,21 @@ class DDPMNoising:
         snr = alphas / (1 - alphas)
         clipped = torch.clamp(snr, max=self.snr_gamma)
         return clipped / (snr + 1 if self.prediction_type == "v_prediction" else snr)
+
+
+def timestep_weights(bias, steps: int) -> torch.Tensor | None:
+    """diffusers' generate_timestep_weights (train_text_to_image_sdxl.py): each of the schedule's
+    `steps` timesteps' probability under a TimestepBias; None for `none` (uniform)."""
+    if bias.strategy == "none":
+        return None
+    if bias.strategy == "range" and bias.end > steps:
+        raise ValueError(f"train.timestep_bias.end is {bias.end}, but the schedule has {steps} timesteps")
+    weights = torch.ones(steps)
+    count = int(bias.portion * steps)
+    chosen = {"later": slice(steps - count, None), "earlier": slice(0, count),
+              "range": slice(bias.begin, bias.end)}[bias.strategy]  # fmt: skip
+    weights[chosen] *= bias.multiplier
+    return weights / weights.sum()
 
 
 def sample_sigmas(scheme: str, count: int, generator: torch.Generator, device, logit_mean: float = 0.0,

@@ -38,6 +38,13 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
     """Fail before any worker starts on data or a model that cannot train this kind; turn
     `num_train_epochs` into steps (the lr schedule needs the total). With a cache, the cache's
     rows are what trains, and it must have been made as this config would encode."""
+    if config.timestep_bias.strategy != "none":
+        from diffplat.models.families import family_of
+
+        family = family_of(config.base_model)
+        if family.name == "flux":
+            raise ConfigError(f"train.timestep_bias: {config.base_model} is a FLUX.1 model, which draws noise levels "
+                              "by train.flow.timestep_sampling; timestep_bias is for SDXL's timesteps")  # fmt: skip
     if config.cache:
         from diffplat.data.cache import check_cache
 

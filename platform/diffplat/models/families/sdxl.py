@@ -83,11 +83,12 @@ class SDXL(Family):
         return EulerDiscreteScheduler.from_config(scheduler.config)  # SDXL's own sampler, with the training schedule
 
     def noising(self, scheduler, config):
-        from diffplat.train.noising import DDPMNoising
+        from diffplat.train.noising import DDPMNoising, timestep_weights
 
         if config.prediction_type:  # diffusers' --prediction_type
             scheduler.register_to_config(prediction_type=config.prediction_type)
-        return DDPMNoising(scheduler, scheduler.config.prediction_type, config.snr_gamma)
+        weights = timestep_weights(config.timestep_bias, scheduler.config.num_train_timesteps)
+        return DDPMNoising(scheduler, scheduler.config.prediction_type, config.snr_gamma, weights)
 
     @staticmethod
     def added_cond(prompts: Prompts, extra: dict, dtype) -> dict:
