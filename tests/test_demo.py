@@ -271,9 +271,10 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     # the night LoRA's skies, for prompts that name no time of day: at most half as far from the
     # night training images' sky as the base's
     assert lora["adapter"] < 0.5 * lora["base"], lora
-    # The ControlNet's 20 steps do not make it follow maps yet (its zero convolutions first learn
-    # a residual that ignores the map): measured beside its baseline, no threshold yet.
-    assert 0 <= cn["base"] <= 1 and 0 <= cn["adapter"] <= 1 and cn["real_images"] > 0.6, cn
+    # the ControlNet's images follow their maps more than the base's (an untrained one gives the
+    # base's images exactly): measured +0.05 and +0.13 after its 160 steps, on bases of 0.59 and
+    # 0.35 (real frames 0.91); its trucks and buildings take the maps' places only after ~1000
+    assert 0 <= cn["base"] <= 1 and cn["adapter"] > cn["base"] + 0.02 and cn["real_images"] > 0.6, cn
     assert 0 <= measures["ic_lora"]["adapter"] <= 442
     # the detector learns the scenes a little (measured mAP50-95 0.096 trained on the real frames
     # alone, 0.032 with the kept generations; 3 epochs at 64 px had found nothing)
