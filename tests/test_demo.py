@@ -209,7 +209,7 @@ def test_demo_records_one_run_per_stage(demo):
     cn_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                  if r.data.tags.get("mlflow.parentRunId") == jobs["demo-controlnet"].info.run_id}  # fmt: skip
     assert set(cn_stages) == {"train", "generate"}
-    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [10, 20]
+    assert [step for step, _ in validation_images(client, cn_stages["train"].info.run_id)] == [80, 160]
     pre_stages = {r.data.tags["diffplat.stage"]: r for r in runs
                   if r.data.tags.get("mlflow.parentRunId") == jobs["demo-pretrain"].info.run_id}  # fmt: skip
     assert set(pre_stages) == {"prepare", "cache", "train"}
