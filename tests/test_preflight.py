@@ -105,3 +105,26 @@ def test_an_output_that_would_replace_the_work_folder_or_an_input_is_refused(tmp
         _check(tmp_path, _job(cache={"data": "data/shards", "base_model": "out/model", "output": "cache"},
                               train={"base_model": "out/model", "data": "data/shards", "output": "cache",
                                      "max_train_steps": 2}))  # fmt: skip
+
+
+def test_training_workers_that_hold_every_cpu_of_our_own_ray_are_refused(tmp_path, tiny_sdxl):
+    """2 workers x 1 CPU on a Ray of 2 CPUs left Ray Data no CPU to read with: the run waited for
+    its first batch forever. Refused before anything starts, naming the field and a way out; a
+    cluster's CPUs (ray.address) are not checked."""
+    (tmp_path / "images").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(ray={"num_cpus": 2}, prepare={"source": "folder", "folder": {"images": "images"}},
+                                       train={"base_model": str(tiny_sdxl), "data": "data/shards", "max_train_steps": 2,
+                                              "scaling": {"num_workers": 2, "cpus_per_worker": 1}})))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "diffplat", "run", str(job), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.scaling: 2 worker(s) x 1 CPU hold 2 of the 2 CPUs" in proc.stderr, proc.stderr[-2000:]
+    assert "cpus_per_worker (e.g. 0.5)" in proc.stderr and not (tmp_path / "mlflow.db").exists()
+    from diffplat.preflight import check_job_cpus
+
+    check_job_cpus(parse_config(yaml.safe_load(job.read_text()) | {"ray": {"address": "ray://head:10001"}}))
+    ok = yaml.safe_load(job.read_text())
+    ok["train"]["scaling"]["cpus_per_worker"] = 0.5
+    check_job_cpus(parse_config(ok))

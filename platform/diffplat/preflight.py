@@ -258,3 +258,20 @@ def _overlaps(config: JobConfig, resolve: Callable[[str], Path], inputs: list[tu
             if other != field and holds(out, path):
                 problems.append(f"{field}: {out} holds {other} ({path}); it would be replaced")
     return problems
+
+
+def check_job_cpus(config: JobConfig) -> None:
+    """On a Ray of this process's own (cluster.py's rule 3) the CPUs are fixed: training workers
+    that hold all of them leave none for Ray Data's read tasks (a CPU each), and the run would
+    wait for its first batch forever. A cluster's CPUs are its autoscaler's to add: not checked."""
+    if config.train is None or config.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = config.ray.num_cpus or os.cpu_count() or 1
+    scaling = config.train.scaling
+    held = scaling.num_workers * scaling.cpus_per_worker
+    if held > total - 1:
+        raise PreflightError(
+            f"train.scaling: {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU hold {held:g} of the "
+            f"{total:g} CPUs of this machine's Ray (ray.num_cpus), leaving less than the one CPU Ray Data needs "
+            f"to read the training data: the run would wait forever. Lower train.scaling.cpus_per_worker (e.g. "
+            f"{max(total - 1, 0.5) / scaling.num_workers:g}) or num_workers")  # fmt: skip

@@ -243,11 +243,12 @@ def _log_sheet(images: Path, out: Path, columns: int = 4, thumb_width: int = 256
 
 def run_job(config: JobConfig, workdir: str | Path = ".", job_file: str | Path | None = None) -> JobResult:
     from diffplat.extras import require_for_stages
-    from diffplat.preflight import check_job_paths
+    from diffplat.preflight import check_job_cpus, check_job_paths
 
     require_for_stages(config.stages())  # an optional part not installed: one line, before anything
     work = Workdir(Path(workdir).resolve())
     check_job_paths(config, work.path, job_file)  # before Ray or MLflow start: a wrong path is one line
+    check_job_cpus(config)
     work.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = tracking.tracking_uri(config.tracking, work.root)
