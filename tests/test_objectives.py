@@ -129,8 +129,19 @@ def test_timestep_bias_is_refused_on_flux(tiny_flux, tmp_path):
 
     config = TrainConfig(base_model=str(tiny_flux), data="s3://bucket/shards", max_train_steps=1,
                          timestep_bias={"strategy": "later", "multiplier": 2})  # fmt: skip
-    with pytest.raises(ConfigError, match="train.timestep_bias: .* is a FLUX.1 model.*flow.timestep_sampling"):
+    with pytest.raises(ConfigError, match="train.timestep_bias: .* is a flux model.*flow.timestep_sampling"):
         check_training_data(config)
+
+
+def test_a_timestep_bias_past_the_schedule_is_refused_before_workers_start(tiny_sdxl):
+    from diffplat.config import ConfigError
+    from diffplat.train.trainer import check_training_data
+
+    config = TrainConfig(base_model=str(tiny_sdxl), data="s3://bucket/shards", max_train_steps=1,
+                         timestep_bias={"strategy": "range", "begin": 300, "end": 1200})  # fmt: skip
+    with pytest.raises(ConfigError, match="train.timestep_bias.end is 1200, but .*'s schedule has 1000 timesteps"):
+        check_training_data(config)
+    check_training_data(config.model_copy(update={"timestep_bias": config.timestep_bias.model_copy(update={"end": 1000})}))
 
 
 def test_min_snr_weighting(tiny_sdxl):

@@ -42,9 +42,13 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
         from diffplat.models.families import family_of
 
         family = family_of(config.base_model)
-        if family.name == "flux":
-            raise ConfigError(f"train.timestep_bias: {config.base_model} is a FLUX.1 model, which draws noise levels "
-                              "by train.flow.timestep_sampling; timestep_bias is for SDXL's timesteps")  # fmt: skip
+        if family.timesteps is None:  # FLUX.1: flow matching's noise levels
+            raise ConfigError(f"train.timestep_bias: {config.base_model} is a {family.name} model, which draws its "
+                              "noise levels by train.flow.timestep_sampling; timestep_bias weights a DDPM schedule's "
+                              "timesteps (SDXL's)")  # fmt: skip
+        if config.timestep_bias.end > family.timesteps:
+            raise ConfigError(f"train.timestep_bias.end is {config.timestep_bias.end}, but {config.base_model}'s "
+                              f"schedule has {family.timesteps} timesteps")  # fmt: skip
     if config.cache:
         from diffplat.data.cache import check_cache
 

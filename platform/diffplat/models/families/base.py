@@ -53,6 +53,7 @@ class Family:
     lora_targets: tuple[str, ...]  # LoRA target modules when the job names none
     inpaint_extras: dict = {}  # keywords the inpainting pipeline needs beside the components
     controlnets: bool = False  # ControlNets train on this family (new_controlnet, controlnet_predict)
+    timesteps: int | None = None  # the DDPM schedule's length train.timestep_bias weights; None: drawn otherwise
     text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizer_names: tuple[str, ...] = ("tokenizer", "tokenizer_2")
 
