@@ -262,12 +262,14 @@ def test_demo_measures_what_its_adapters_learnt(demo):
             assert (out / m["picture"]).is_file(), leg
     pre, prompts, lora, cn = (measures[leg] for leg in ("pretrain", "prompts", "lora", "controlnet"))
     # a random UNet draws noise (rows explain under 0.2 of its colour variance); the pretrained
-    # base draws layered scenes: sky, buildings, road (real frames: about 0.6)
-    assert pre["base"] < 0.2 and pre["adapter"] > 0.45, pre  # measured 0.51-0.58 (0.32-0.42 before whole-word tokens)
+    # base draws layered scenes: sky, buildings, road (real frames: about 0.6). Measured 0.36 with
+    # the VAE fit that keeps colour (its blue cars vary along the rows too), 0.51-0.58 with the
+    # grey one, 0.32-0.42 before whole-word tokens
+    assert pre["base"] < 0.2 and pre["adapter"] > 0.28, pre
     # it draws what its prompt says: the daytime and night prompts' skies far apart for the same
-    # seeds (measured 110-184 of 0-255; 0.2 for the random UNet, about 8 when the tiny tokenizer split
-    # words into letters, which its encoders blurred together)
-    assert prompts["base"] < 20 and prompts["adapter"] > 60, prompts
+    # seeds (measured 87-184 of 0-255; 0.2-0.3 for the random UNet, about 8 when the tiny tokenizer
+    # split words into letters, which its encoders blurred together)
+    assert prompts["base"] < 20 and prompts["adapter"] > 40, prompts
     # the night LoRA's skies, for prompts that name no time of day: at most half as far from the
     # night training images' sky as the base's
     assert lora["adapter"] < 0.5 * lora["base"], lora

@@ -35,7 +35,7 @@ log = logging.getLogger("diffplat")
 # its shards and the LoRA leg's evaluate stage takes its BDD -> YOLO export as the real set.
 DEMO_JOBS = {"pretrain": "demo_pretrain.yaml", "lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml",
              "controlnet": "demo_controlnet.yaml", "flux": "demo_flux.yaml"}  # fmt: skip
-FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 150
+FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 250
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:

@@ -312,7 +312,7 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
         with torch.no_grad():
             quant.weight[quant.out_channels // 2 :].zero_()
             quant.bias[quant.out_channels // 2 :].fill_(-8.0)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     vae.train()
     for _ in range(steps):
         batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
