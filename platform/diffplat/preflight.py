@@ -264,7 +264,9 @@ def check_job_cpus(config: JobConfig) -> None:
     """On a Ray of this process's own (cluster.py's rule 3) the CPUs are fixed: training workers
     that hold all of them leave none for Ray Data's read tasks (a CPU each), and the run would
     wait for its first batch forever. A cluster's CPUs are its autoscaler's to add: not checked."""
-    if config.train is None or config.ray.address or os.environ.get("RAY_ADDRESS"):
+    from diffplat.cluster import init_options, starts_own_ray
+
+    if config.train is None or not starts_own_ray(init_options(config.ray.address)):
         return
     total = config.ray.num_cpus or os.cpu_count() or 1
     scaling = config.train.scaling
