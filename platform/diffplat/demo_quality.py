@@ -171,9 +171,9 @@ def held_out_maps(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image, str,
     return maps
 
 
-def held_out_composites(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image, str]]:
-    """2x2 composites of four held-out frames sharing a time of day, captioned as the demo's
-    In-Context LoRA leg captions its own."""
+def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) -> list[tuple[Image.Image, str]]:
+    """IC_LAYOUT composites of `size` (width height: the size the leg trained at) of held-out
+    frames sharing a time of day, captioned as the demo's In-Context LoRA leg captions its own."""
     from diffplat.data import bdd
     from diffplat.data.composites import Layout, combine_captions, make_composite
 
@@ -182,16 +182,17 @@ def held_out_composites(bdd_dir: Path, count: int = 6) -> list[tuple[Image.Image
         path = bdd_dir / "images" / f"{stem}.jpg"
         if path.is_file():
             by_time.setdefault(frame.timeofday, []).append((path, bdd.caption_from_labels(frame)))
+    layout = Layout.parse(IC_LAYOUT)
+    panel, n = (size[0] // layout.cols, size[1] // layout.rows), layout.panels
     composites = []
     for members in by_time.values():
-        for start in range(0, len(members) - 3, 4):
-            four = members[start:start + 4]
+        for start in range(0, len(members) - n + 1, n):
             images = []
-            for path, _ in four:
+            for path, _ in members[start:start + n]:
                 with Image.open(path) as frame:
                     images.append(frame.convert("RGB"))
-            composites.append((make_composite(images, Layout.parse(IC_LAYOUT), SIZE),
-                               combine_captions([c for _, c in four], "[BDD]")))  # fmt: skip
+            composites.append((make_composite(images, layout, panel),
+                               combine_captions([c for _, c in members[start:start + n]], "[BDD]")))  # fmt: skip
     # alternate times of day, so a short list still holds each
     return [c for group in zip(*[composites[i::len(by_time)] for i in range(len(by_time))]) for c in group][:count]
 
@@ -200,7 +201,10 @@ def measure_demo(out: Path) -> dict:
     """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
     pictures = out / "quality"
     pictures.mkdir(exist_ok=True)
+    from diffplat.models.lora import adapter_info
+
     maps = held_out_maps(out / "bdd-val", count=8)  # read once: their frames are the real reference too
+    ic_size = tuple(adapter_info(out / "adapters" / "ic_lora")["resolution"])  # fill at the size it learnt
     scenes, prompts = pretrain_quality(out / "base-model-random", out / "base-model", [r for _, _, r in maps], pictures)
     return {
         "pretrain": scenes,
@@ -208,7 +212,7 @@ def measure_demo(out: Path) -> dict:
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
         "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures),
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
-                                   held_out_composites(out / "bdd-val"), pictures),  # fmt: skip
+                                   held_out_composites(out / "bdd-val", ic_size), pictures),  # fmt: skip
         "evaluate": detector_quality(out / "evaluation" / "report.json"),
     }
 
