@@ -277,7 +277,11 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     # base's images exactly): measured 0.34 -> 0.71 after its 120 steps of 16 (real frames 0.91);
     # and 0.35 -> 0.52 on another base (0.59 -> 0.64 after 160 steps of 4)
     assert 0 <= cn["base"] <= 1 and cn["adapter"] > cn["base"] + 0.08 and cn["real_images"] > 0.6, cn
-    assert 0 <= measures["ic_lora"]["adapter"] <= 442
+    # the In-Context LoRA has no effect yet (README: the tiny UNet draws no scene inside a panel);
+    # its measure fills composites of the size the leg trained at (it once filled twice that size)
+    ic = measures["ic_lora"]
+    trained_at = json.loads((out / "adapters" / "ic_lora" / "adapter_info.json").read_text())["resolution"]
+    assert 0 <= ic["adapter"] <= 442 and ic["size"] == trained_at and ic["inputs"] < 40, ic
     # the detector learns the scenes a little (measured mAP50-95 0.096 trained on the real frames
     # alone, 0.032 with the kept generations; 3 epochs at 64 px had found nothing)
     assert measures["evaluate"]["base"] > 0 and measures["evaluate"]["adapter"] >= 0, measures["evaluate"]

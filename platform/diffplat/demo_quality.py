@@ -133,7 +133,8 @@ def ic_lora_quality(base_inpaint: Path, lora: Path, composites: list[tuple[Image
     gap = lambda images: _mean(panel_agreement(i, IC_LAYOUT, list(IC_PANELS)) for i in images)  # noqa: E731
     return {"measure": "sky colour distance of the filled panels to the visible ones (RGB 0-255, lower agrees)",
             "base": gap(fills["base"]), "adapter": gap(fills["adapter"]), "better": "lower",
-            "images": len(composites), "inputs": gap(c for c, _ in composites), "picture": "quality/ic_lora.png"}  # fmt: skip
+            "images": len(composites), "size": list(composites[0][0].size), "inputs": gap(c for c, _ in composites),
+            "picture": "quality/ic_lora.png"}  # fmt: skip
 
 
 def detector_quality(report: Path) -> dict:
@@ -199,10 +200,10 @@ def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) ->
 
 def measure_demo(out: Path) -> dict:
     """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
-    pictures = out / "quality"
-    pictures.mkdir(exist_ok=True)
     from diffplat.models.lora import adapter_info
 
+    pictures = out / "quality"
+    pictures.mkdir(exist_ok=True)
     maps = held_out_maps(out / "bdd-val", count=8)  # read once: their frames are the real reference too
     ic_size = tuple(adapter_info(out / "adapters" / "ic_lora")["resolution"])  # fill at the size it learnt
     scenes, prompts = pretrain_quality(out / "base-model-random", out / "base-model", [r for _, _, r in maps], pictures)
