@@ -42,13 +42,14 @@ def check_training_data(config: TrainConfig) -> TrainConfig:
         from diffplat.models.families import family_of
 
         family = family_of(config.base_model)
-        if family.timesteps is None:  # FLUX.1: flow matching's noise levels
+        if not family.ddpm_timesteps:  # FLUX.1: flow matching's noise levels
             raise ConfigError(f"train.timestep_bias: {config.base_model} is a {family.name} model, which draws its "
                               "noise levels by train.flow.timestep_sampling; timestep_bias weights a DDPM schedule's "
                               "timesteps (SDXL's)")  # fmt: skip
-        if config.timestep_bias.end > family.timesteps:
+        steps = family.schedule_length(config.base_model)  # what the workers' noising will draw from
+        if config.timestep_bias.end > steps:
             raise ConfigError(f"train.timestep_bias.end is {config.timestep_bias.end}, but {config.base_model}'s "
-                              f"schedule has {family.timesteps} timesteps")  # fmt: skip
+                              f"schedule has {steps} timesteps")  # fmt: skip
     if config.cache:
         from diffplat.data.cache import check_cache
 

@@ -53,7 +53,7 @@ class Family:
     lora_targets: tuple[str, ...]  # LoRA target modules when the job names none
     inpaint_extras: dict = {}  # keywords the inpainting pipeline needs beside the components
     controlnets: bool = False  # ControlNets train on this family (new_controlnet, controlnet_predict)
-    timesteps: int | None = None  # the DDPM schedule's length train.timestep_bias weights; None: drawn otherwise
+    ddpm_timesteps: bool = False  # noise levels are a DDPM schedule's timesteps (what train.timestep_bias weights)
     text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizer_names: tuple[str, ...] = ("tokenizer", "tokenizer_2")
 
@@ -67,15 +67,11 @@ class Family:
 
     def denoiser_config(self, base_model: str) -> dict:
         """The denoiser's config.json, read without loading its weights."""
-        from diffusers.configuration_utils import ConfigMixin
+        return _component_config(base_model, self.denoiser, "config.json")
 
-        from diffplat.models.loading import source_kwargs
-
-        class ModelConfig(ConfigMixin):  # any diffusers model's config.json
-            config_name = "config.json"
-
-        local = source_kwargs(base_model)["local_files_only"]
-        return dict(ModelConfig.load_config(base_model, subfolder=self.denoiser, local_files_only=local))
+    def schedule_length(self, base_model: str) -> int:
+        """How many timesteps the model's training schedule has (its scheduler's config)."""
+        return int(_component_config(base_model, "scheduler", "scheduler_config.json")["num_train_timesteps"])
 
     def components(self, parts: Parts) -> dict:
         """The parts under the names a diffusers pipeline of this family takes."""
@@ -178,3 +174,16 @@ class Family:
             kwargs[f"{name}_lora_layers"] = layers
             kwargs[f"{name}_lora_adapter_metadata"] = text_config
         self.pipeline_class("text").save_lora_weights(folder, safe_serialization=True, **kwargs)
+
+
+def _component_config(base_model: str, subfolder: str, name: str) -> dict:
+    """A pipeline component's config file (folder or hub id), read without loading anything."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    from diffplat.models.loading import source_kwargs
+
+    class ComponentConfig(ConfigMixin):  # any diffusers component's config file
+        config_name = name
+
+    local = source_kwargs(base_model)["local_files_only"]
+    return dict(ComponentConfig.load_config(base_model, subfolder=subfolder, local_files_only=local))

@@ -32,7 +32,7 @@ class SDXL(Family):
     inpainting_example = "e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1, 9 input channels"
     lora_targets = SDXL_TARGETS  # diffusers' SDXL scripts: attention
     controlnets = True
-    timesteps = 1000  # the DDPM schedule's, which train.timestep_bias weights
+    ddpm_timesteps = True
     inpaint_extras = {"requires_aesthetics_score": False}  # SDXL base's inpainting: no aesthetic score ids
 
     def load(self, base_model, vae=None, variant=None, encoders=True) -> Parts:
