@@ -188,12 +188,11 @@ def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) ->
     composites = []
     for members in by_time.values():
         for start in range(0, len(members) - n + 1, n):
-            images = []
-            for path, _ in members[start:start + n]:
+            group, images = members[start:start + n], []
+            for path, _ in group:
                 with Image.open(path) as frame:
                     images.append(frame.convert("RGB"))
-            composites.append((make_composite(images, layout, panel),
-                               combine_captions([c for _, c in members[start:start + n]], "[BDD]")))  # fmt: skip
+            composites.append((make_composite(images, layout, panel), combine_captions([c for _, c in group], "[BDD]")))
     # alternate times of day, so a short list still holds each
     return [c for group in zip(*[composites[i::len(by_time)] for i in range(len(by_time))]) for c in group][:count]
 
