@@ -9,8 +9,9 @@ them (evaluate/quality.py), written to quality.json and logged to MLflow.
   against the base's, as distances to the night training images' mean sky colour.
 - ControlNet: held-out segmentation maps (bdd-val) and their captions; how much of each image's
   colour variance the map's regions explain, with the ControlNet and without (the base alone).
-- In-Context LoRA: held-out composites of four frames of one time of day, panels 2 and 3 filled;
-  the distance of the filled panels' sky colour to the visible panels', with the LoRA and without.
+- In-Context LoRA: held-out composites of two frames of one time of day, the right one filled
+  with an empty prompt, so that only the visible frame says the time of day; the distance of the
+  filled frame's sky colour to the visible frame's, with the LoRA and without.
 - evaluate: the detectors' mAP50-95, trained on real images only and with the kept generations.
 """
 
@@ -30,7 +31,7 @@ GUIDANCE = 5.0
 SIZE = (128, 64)  # the demo's training resolution (width height)
 PRETRAIN_PROMPTS = ("a driving scene on a city street, in daytime, with 2 cars", "a driving scene on a highway, at night")
 LORA_PROMPTS = ("a driving scene on a city street, with 2 cars", "a driving scene on a highway, with 1 truck")
-IC_LAYOUT, IC_PANELS = "2x2", (2, 3)
+IC_LAYOUT, IC_PANELS = "1x2", (1,)  # the demo's In-Context LoRA leg's layout, and what it fills
 
 
 def _draw(pipe, calls: list[tuple[int, dict]]) -> list[Image.Image]:
@@ -125,13 +126,15 @@ def ic_lora_quality(base_inpaint: Path, lora: Path, composites: list[tuple[Image
     fills = {}
     for name, adapter in (("base", None), ("adapter", lora)):
         pipe = load_pipeline(str(base_inpaint), task="inpaint", lora=str(adapter) if adapter else None)
-        fills[name] = [fill_panels(pipe, composite, caption, [i], options)[0].image
-                       for i, (composite, caption) in enumerate(composites)]  # fmt: skip
+        # no caption: a fill can only take the time of day from the visible panel
+        fills[name] = [fill_panels(pipe, composite, "", [i], options)[0].image
+                       for i, (composite, _) in enumerate(composites)]  # fmt: skip
     sheet = labelled_rows([[c for c, _ in composites], fills["base"], fills["adapter"]], ["input", "base", "+ IC-LoRA"],
                           thumb_width=192)  # fmt: skip
     sheet.save(pictures / "ic_lora.png")
     gap = lambda images: _mean(panel_agreement(i, IC_LAYOUT, list(IC_PANELS)) for i in images)  # noqa: E731
-    return {"measure": "sky colour distance of the filled panels to the visible ones (RGB 0-255, lower agrees)",
+    return {"measure": "sky colour distance of the filled panels to the visible ones, filled without a prompt "
+                       "(RGB 0-255, lower agrees)",
             "base": gap(fills["base"]), "adapter": gap(fills["adapter"]), "better": "lower",
             "images": len(composites), "size": list(composites[0][0].size), "inputs": gap(c for c, _ in composites),
             "picture": "quality/ic_lora.png"}  # fmt: skip
@@ -212,7 +215,7 @@ def measure_demo(out: Path) -> dict:
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
         "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures),
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
-                                   held_out_composites(out / "bdd-val", ic_size), pictures),  # fmt: skip
+                                   held_out_composites(out / "bdd-val", ic_size, count=9), pictures),  # fmt: skip
         "evaluate": detector_quality(out / "evaluation" / "report.json"),
     }
 

@@ -20,6 +20,10 @@ _WEATHER = ("clear", "overcast", "rainy", "snowy", "partly cloudy")
 _SCENES = ("city street", "highway", "residential")
 _TIMES = ("daytime", "night", "dawn/dusk")
 _SKY = {"daytime": (135, 180, 235), "night": (20, 24, 48), "dawn/dusk": (230, 150, 110)}
+# the light of each time of day on the ground and the buildings (per-channel gain, then offset), as
+# real photographs: night darkens and blues the whole frame, dusk warms it; not only the sky says when
+_LIGHT = {"daytime": ((1.0, 1.0, 1.0), (0, 0, 0)), "night": ((0.4, 0.42, 0.55), (0, 0, 6)),
+          "dawn/dusk": ((1.05, 0.85, 0.75), (25, 8, 0))}
 # class drawn -> (2018 name, det_20 name, seg train id, colour)
 _OBJECTS = {
     "car": ("car", "car", SEG_CLASSES.index("car"), (30, 60, 200)),
@@ -46,7 +50,12 @@ def _draw_scene(rng: np.random.Generator, width: int, height: int, timeofday: st
     draw.rectangle([0, horizon, width, height], fill=(90, 90, 95))
     mask[horizon:, :] = SEG_CLASSES.index("road")
     draw.line([width // 2, height, width // 2, horizon], fill=(240, 240, 240), width=2)
-    return image, mask, draw, horizon
+    gain, offset = _LIGHT[timeofday]
+    pixels = np.asarray(image, dtype=np.float64)
+    lit = np.clip(pixels * gain + offset, 0, 255)
+    ground = (mask != SEG_CLASSES.index("sky"))[..., None]
+    image = Image.fromarray(np.where(ground, lit, pixels).astype(np.uint8))
+    return image, mask, ImageDraw.Draw(image), horizon
 
 
 def _place_objects(rng, draw, mask, width, height, horizon):

@@ -57,6 +57,25 @@ def complete_model(folder: Path, base_model: str, trained: str, vae: str | None 
     if vae:
         shutil.rmtree(folder / "vae", ignore_errors=True)
         shutil.copytree(local_folder(vae), folder / "vae", ignore=shutil.ignore_patterns(".*"))
+    _schedule_what_was_learnt(folder)
+
+
+def _schedule_what_was_learnt(folder: Path) -> None:
+    """A denoiser fine-tuned to another prediction_type (v_prediction from an epsilon base) samples
+    right only if the whole model's scheduler says so: diffusers' full fine-tune script saves the
+    base's scheduler unchanged, and the model then denoises with the wrong formula."""
+    import json
+
+    from diffplat.fileio import write_json_atomic
+    from diffplat.models.lora import INFO_NAME
+
+    info, config = folder / INFO_NAME, folder / "scheduler" / "scheduler_config.json"
+    learnt = json.loads(info.read_text()).get("prediction_type") if info.is_file() else None
+    if not learnt or not config.is_file():
+        return
+    settings = json.loads(config.read_text())
+    if "prediction_type" in settings and settings["prediction_type"] != learnt:  # flow matching has none
+        write_json_atomic(config, {**settings, "prediction_type": learnt})
 
 
 def load_pipeline(base_model: str, vae: str | None = None, variant: str | None = None, dtype=torch.float32,
