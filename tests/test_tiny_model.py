@@ -132,3 +132,24 @@ def test_inpainting_variant_draws_as_its_base_until_trained(tmp_path, tiny_sdxl)
                                    base(latents, 10, **cond).sample)  # fmt: skip
     with pytest.raises(ValueError, match="takes 9 input channels, not 4: already an inpainting model"):
         inpainting_variant(str(out), tmp_path / "again")
+
+
+@pytest.mark.parametrize("learnt", ["v_prediction", "epsilon"])
+def test_a_full_fine_tune_becomes_a_model_whose_scheduler_predicts_what_it_learnt(tiny_sdxl, tmp_path, learnt):
+    """diffusers' full fine-tune script saves the base's scheduler as it was; a UNet trained to
+    v_prediction on an epsilon base would then sample with the wrong formula."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffplat.models.loading import complete_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sdxl / "unet", folder / "unet")
+    (folder / "adapter_info.json").write_text(json.dumps({"kind": "full", "prediction_type": learnt}))
+    complete_model(folder, str(tiny_sdxl), "unet")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == learnt
+    base = json.loads((tiny_sdxl / "scheduler" / "scheduler_config.json").read_text())
+    assert base["prediction_type"] == "epsilon"  # the base's own is left alone

@@ -17,6 +17,7 @@ them (evaluate/quality.py), written to quality.json and logged to MLflow.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -188,16 +189,19 @@ def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) ->
             by_time.setdefault(frame.timeofday, []).append((path, bdd.caption_from_labels(frame)))
     layout = Layout.parse(IC_LAYOUT)
     panel, n = (size[0] // layout.cols, size[1] // layout.rows), layout.panels
-    composites = []
+    per_time = []
     for members in by_time.values():
+        composites = []
         for start in range(0, len(members) - n + 1, n):
             group, images = members[start:start + n], []
             for path, _ in group:
                 with Image.open(path) as frame:
                     images.append(frame.convert("RGB"))
             composites.append((make_composite(images, layout, panel), combine_captions([c for _, c in group], "[BDD]")))
+        per_time.append(composites)
     # alternate times of day, so a short list still holds each
-    return [c for group in zip(*[composites[i::len(by_time)] for i in range(len(by_time))]) for c in group][:count]
+    turns = [c for turn in itertools.zip_longest(*per_time) for c in turn if c is not None]
+    return turns[:count]
 
 
 def measure_demo(out: Path) -> dict:
