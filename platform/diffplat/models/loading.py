@@ -67,10 +67,10 @@ def _schedule_what_was_learnt(folder: Path) -> None:
     import json
 
     from diffplat.fileio import write_json_atomic
-    from diffplat.models.lora import INFO_NAME
+    from diffplat.models.lora import adapter_info
 
-    info, config = folder / INFO_NAME, folder / "scheduler" / "scheduler_config.json"
-    learnt = json.loads(info.read_text()).get("prediction_type") if info.is_file() else None
+    config = folder / "scheduler" / "scheduler_config.json"
+    learnt = adapter_info(str(folder)).get("prediction_type")
     if not learnt or not config.is_file():
         return
     settings = json.loads(config.read_text())
