@@ -274,9 +274,9 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     # seeds (measured 247, 87-184 with epsilon, of 0-255; 0.2-0.6 for the random UNet, about 8 when the tiny tokenizer
     # split words into letters, which its encoders blurred together)
     assert prompts["base"] < 20 and prompts["adapter"] > 40, prompts
-    # the night LoRA's skies, for prompts that name no time of day: at most half as far from the
-    # night training images' sky as the base's
-    assert lora["adapter"] < 0.5 * lora["base"], lora
+    # the night LoRA's skies, for prompts that name no time of day: far closer to the night
+    # training images' sky than the base's (measured 135 -> 2.5; 135 -> 40 with min-SNR weighting)
+    assert lora["adapter"] < 0.3 * lora["base"], lora
     # the ControlNet's images follow their maps more than the base's (an untrained one gives the
     # base's images exactly): measured 0.61 -> 0.79 after its 120 steps of 16 on the v-prediction
     # base (real frames 0.91), 0.34 -> 0.71 on an epsilon one
