@@ -318,6 +318,29 @@ def test_only_a_device_fault_breaks_a_replica():
         replica.check_health()
 
 
+def test_adapters_a_killed_replica_fetched_are_removed_by_the_next(tmp_path, monkeypatch):
+    """Ray stops a replica's process with SIGKILL, which runs no finalizer: the adapters it fetched
+    from MLflow would stay in the node's temporary folder for good. A new replica's first fetch
+    removes this user's download folders whose process is gone, and leaves a live one's alone."""
+    import os
+    import subprocess
+    import tempfile
+
+    from diffplat.serving.adapters import download_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = tmp_path / f"diffplat-adapters-{ended.pid}-x1"
+    (stale / "runs_abc_adapter").mkdir(parents=True)
+    (stale / "runs_abc_adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"0" * 64)
+    live = tmp_path / f"diffplat-adapters-{os.getppid()}-x2"
+    live.mkdir()
+    mine = download_folder()
+    assert not stale.exists() and live.is_dir()
+    assert mine.is_dir() and mine.parent == tmp_path and mine.name.startswith(f"diffplat-adapters-{os.getpid()}-")
+
+
 def _replicas(http, url) -> dict:
     stats = http.get(f"{url}/v1/stats").json()
     return {name: (s["replica"], s["pid"], s["started"], s["broken"]) for name, s in stats.items()}

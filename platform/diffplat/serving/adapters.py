@@ -12,8 +12,11 @@ alias is looked up on each use, so moving it moves the API to the new version).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +30,32 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class UnknownAdapter(ValueError):
     pass
+
+
+_DOWNLOADS = "diffplat-adapters-"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def download_folder() -> Path:
+    """A new folder for one replica's adapters fetched from MLflow: <tmp>/diffplat-adapters-<pid>-*.
+    Ray stops a replica's process with SIGKILL, which leaves its folder (adapter weights) behind; so
+    a new one first removes this user's folders whose process is gone."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{_DOWNLOADS}*-*"):
+        pid = old.name.removeprefix(_DOWNLOADS).split("-", 1)[0]
+        if (pid.isdigit() and _gone(int(pid)) and not old.is_symlink() and old.is_dir()
+                and old.stat().st_uid == os.getuid()):  # fmt: skip
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_DOWNLOADS}{os.getpid()}-"))
 
 
 def registry_names(registry: str | None, family: str | None = None) -> list[str]:
@@ -62,9 +91,7 @@ class AdapterCache:
         self.loaded: OrderedDict[str, str] = OrderedDict()  # request name -> adapter name in the pipeline
         self.learnt: dict[str, str | None] = {}  # request name -> the prediction_type it was trained with
         self.loads = self.evictions = self._attempts = 0
-        # adapters fetched from MLflow; removed with the cache or when the replica's process ends
-        self._download_dir = tempfile.TemporaryDirectory(prefix="diffplat-adapters-")
-        self._downloads = Path(self._download_dir.name)
+        self._downloads: Path | None = None  # made on the first fetch from MLflow (download_folder)
 
     def _key(self, name: str) -> str:
         """What a loaded adapter is kept under: its name, with an MLflow alias resolved to the
@@ -78,6 +105,9 @@ class AdapterCache:
 
     def _folder(self, key: str) -> Path:
         if is_mlflow_ref(key):
+            if self._downloads is None:  # removed with the cache, at exit, or by the next replica after a kill
+                self._downloads = download_folder()
+                weakref.finalize(self, shutil.rmtree, self._downloads, True)
             try:
                 return fetch_adapter(key, self._downloads, self.tracking_uri)
             except Exception as err:  # MLflow raises several types for a missing run, model or path
