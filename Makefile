@@ -41,12 +41,13 @@ demo: $(STAMP)
 	$(BIN)/diffplat demo --output $(OUT)
 
 # Two test processes: one test's Ray often waits (starting, polling) while the other's computes.
-# Each test file runs whole in one of them: its module fixtures (and the demo) are built once.
+# Each test file runs whole in one of them: its module fixtures (and the demo) are built once; the
+# longest files first (tests/conftest.py's order, which xdist would otherwise replace by test count).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
