@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--fit-vae", dest="fit_vae", default=None, metavar="IMAGES",
                       help="a folder of images the VAE first learns to reconstruct (so pictures are readable)")
     tiny.add_argument("--fit-steps", dest="fit_steps", type=int, default=300)
+    tiny.add_argument("--decoder-steps", dest="decoder_steps", type=int, default=0,
+                      help="then steps of the decoder alone: sharper pictures from the same latents")
     tiny.add_argument("--whole-words", dest="whole_words", action="store_true",
                       help="tokenize the words of BDD captions whole, as a real CLIP does (SDXL kinds; default: bytes)")
     return parser
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 images, bad = readable_images(args.fit_vae)
                 if not images:
                     raise ConfigError(f"--fit-vae {args.fit_vae}: no readable image there ({bad} could not be read)")
-            print(write_tiny_model(args.out, args.kind, args.seed, images, args.fit_steps, args.whole_words))
+            print(write_tiny_model(args.out, args.kind, args.seed, images, args.fit_steps, args.whole_words,
+                                   args.decoder_steps))  # fmt: skip
     except ConfigError as err:
         print(f"diffplat: {err}", file=sys.stderr)
         return 2

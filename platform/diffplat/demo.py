@@ -35,7 +35,7 @@ log = logging.getLogger("diffplat")
 # its shards and the LoRA leg's evaluate stage takes its BDD -> YOLO export as the real set.
 DEMO_JOBS = {"pretrain": "demo_pretrain.yaml", "lora": "demo.yaml", "ic_lora": "demo_ic_lora.yaml",
              "controlnet": "demo_controlnet.yaml", "flux": "demo_flux.yaml"}  # fmt: skip
-FRAMES, VAL_FRAMES, VAE_FIT_STEPS = 144, 24, 250
+FRAMES, VAL_FRAMES, VAE_FIT_STEPS, DECODER_STEPS = 144, 24, 250, 400
 
 
 def demo_config_path(name: str = "demo.yaml") -> Path:
@@ -83,7 +83,7 @@ def _write_inputs(out: Path) -> float:
     write_synthetic_bdd(out / "bdd", num_images=FRAMES)
     write_synthetic_bdd(out / "bdd-val", num_images=VAL_FRAMES, seed=1)  # held out: evaluate's and quality's
     write_tiny_model(out / "base-model-random", "sdxl", fit_images=readable_images(out / "bdd" / "images")[0],
-                     fit_steps=VAE_FIT_STEPS, whole_words=True)  # fmt: skip
+                     fit_steps=VAE_FIT_STEPS, whole_words=True, decoder_steps=DECODER_STEPS)  # fmt: skip
     write_tiny_model(out / "base-model-flux", "flux")
     return time.perf_counter() - start
 

@@ -35,15 +35,16 @@ LORA_PROMPTS = ("a driving scene on a city street, with 2 cars", "a driving scen
 IC_LAYOUT, IC_PANELS = "1x2", (1,)  # the demo's In-Context LoRA leg's layout, and what it fills
 
 
-def _draw(pipe, calls: list[tuple[int, dict]]) -> list[Image.Image]:
+def _draw(pipe, calls: list[tuple[int, dict]], **shared) -> list[Image.Image]:
     """One image per (seed, pipeline arguments), at the demo's size and step count: one batched
-    call, each image from its own seeded generator (the same images as one call each)."""
+    call, each image from its own seeded generator (the same images as one call each); `shared`:
+    arguments of the whole call."""
     import torch
 
     width, height = SIZE
     keys = calls[0][1].keys()
     batch = {key: [call[key] for _, call in calls] for key in keys}
-    return pipe(**batch, width=width, height=height, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+    return pipe(**batch, **shared, width=width, height=height, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                 generator=[torch.Generator().manual_seed(seed) for seed, _ in calls]).images
 
 
@@ -99,14 +100,15 @@ def lora_quality(base: Path, lora: Path, training_shards: Path, pictures: Path) 
 
 
 def controlnet_quality(base: Path, controlnet: Path, maps: list[tuple[Image.Image, str, Image.Image]],
-                       pictures: Path) -> dict:  # fmt: skip
+                       pictures: Path, scale: float = 1.0) -> dict:  # fmt: skip
     from diffplat.infer.controlnet import load_controlnet_pipeline
     from diffplat.models.loading import load_pipeline
     from diffplat.pictures import labelled_rows
 
     before = _draw(load_pipeline(str(base)), [(i, {"prompt": c}) for i, (_, c, _) in enumerate(maps)])
     guided = load_controlnet_pipeline(str(base), str(controlnet))
-    after = _draw(guided, [(i, {"prompt": c, "image": m}) for i, (m, c, _) in enumerate(maps)])
+    after = _draw(guided, [(i, {"prompt": c, "image": m}) for i, (m, c, _) in enumerate(maps)],
+                  controlnet_conditioning_scale=scale)  # fmt: skip
     real = [r for _, _, r in maps]
     sheet = labelled_rows([[m for m, _, _ in maps], before, after, real], ["map", "base", "+ ControlNet", "real"],
                           thumb_width=192)  # fmt: skip
@@ -114,7 +116,7 @@ def controlnet_quality(base: Path, controlnet: Path, maps: list[tuple[Image.Imag
     share = lambda images: _mean(map_agreement(i, m) for i, (m, _, _) in zip(images, maps))  # noqa: E731
     return {"measure": "share of each image's colour variance its map's regions explain (higher follows the map)",
             "base": share(before), "adapter": share(after), "better": "higher", "images": len(after),
-            "real_images": share(real), "picture": "quality/controlnet.png"}  # fmt: skip
+            "real_images": share(real), "conditioning_scale": scale, "picture": "quality/controlnet.png"}  # fmt: skip
 
 
 def ic_lora_quality(base_inpaint: Path, lora: Path, composites: list[tuple[Image.Image, str]], pictures: Path) -> dict:
@@ -204,6 +206,14 @@ def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) ->
     return turns[:count]
 
 
+def _demo_controlnet_scale() -> float:
+    """The conditioning scale the demo's ControlNet leg generates with: measured as it is used."""
+    from diffplat.config import load_config
+    from diffplat.demo import demo_config_path
+
+    return load_config(demo_config_path("demo_controlnet.yaml")).generate.controlnet.conditioning_scale
+
+
 def measure_demo(out: Path) -> dict:
     """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
     from diffplat.models.lora import adapter_info
@@ -217,7 +227,8 @@ def measure_demo(out: Path) -> dict:
         "pretrain": scenes,
         "prompts": prompts,
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
-        "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures),
+        "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures,
+                                         _demo_controlnet_scale()),  # fmt: skip
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
                                    held_out_composites(out / "bdd-val", ic_size, count=9), pictures),  # fmt: skip
         "evaluate": detector_quality(out / "evaluation" / "report.json"),
