@@ -282,7 +282,7 @@ def test_demo_measures_what_its_adapters_learnt(demo):
     # base's images exactly): measured 0.58 -> 0.83 after its 120 steps of 16 on the v-prediction
     # base, half without text, at the leg's conditioning scale 2 (real frames 0.91; 0.77 with a
     # tenth without text), 0.34 -> 0.71 on an epsilon one
-    assert 0 <= cn["base"] <= 1 and cn["adapter"] > cn["base"] + 0.08 and cn["real_images"] > 0.6, cn
+    assert 0 <= cn["base"] <= 1 and cn["adapter"] > cn["base"] + 0.15 and cn["real_images"] > 0.6, cn
     # the In-Context LoRA's fills, prompted with nothing, take their sky from the visible frame:
     # measured 122 -> 46 (33-62 on other bases and data orders; an adapter that never reads the
     # visible panel, or reads the wrong one, stays at the base's); composites of the size it trained at
