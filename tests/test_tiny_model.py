@@ -69,9 +69,10 @@ def test_tiny_model_is_reproducible(tmp_path):
 
 
 def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir, tiny_sdxl):
-    """`tiny-model --fit-vae --whole-words` (the demo's base): the VAE learns the images (the
-    corrupt one is passed over) with a narrow posterior, its scaling_factor gives latents of unit
-    variance, and the words of BDD captions are single tokens (the tests' models spell them out)."""
+    """`tiny-model --fit-vae --decoder-steps --whole-words` (the demo's base): the VAE learns the
+    images (the corrupt one is passed over) with a narrow posterior, then its decoder alone, its
+    scaling_factor gives latents of unit variance, and the words of BDD captions are single
+    tokens (the tests' models spell them out)."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -81,7 +82,7 @@ def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir, tiny_sdxl):
 
     out = tmp_path / "fitted"
     subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(out), "--fit-vae", str(bdd_dir / "images"),
-                    "--fit-steps", "150", "--whole-words"], check=True, timeout=300)  # fmt: skip
+                    "--fit-steps", "120", "--decoder-steps", "30", "--whole-words"], check=True, timeout=300)  # fmt: skip
     images, bad = readable_images(bdd_dir / "images")
     assert bad == 1 and len(images) == 12
     pixels = torch.tensor(np.stack([np.asarray(im.resize((128, 64))) for im in images]))
