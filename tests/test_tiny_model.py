@@ -112,6 +112,14 @@ def test_fit_vae_makes_pictures_readable(tmp_path, bdd_dir, tiny_sdxl):
     assert len(CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer").tokenize(caption)) == 60
 
 
+@pytest.mark.parametrize("flags, named", [(["--decoder-steps", "10"], "--fit-vae"),
+                                          (["--fit-vae", ".", "--decoder-steps", "-1"], "0 or more")])
+def test_tiny_model_flags_that_cannot_work_are_named(tmp_path, flags, named):
+    run = subprocess.run([sys.executable, "-m", "diffplat", "tiny-model", str(tmp_path / "out"), *flags],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and named in run.stderr and not (tmp_path / "out").exists(), run.stderr
+
+
 def test_sharpening_the_decoder_keeps_every_latent_and_draws_closer(bdd_dir):
     """The decoder's own steps (the demo's sharper pictures): the encoder's latents are exactly
     the ones the whole fit made (the models trained on them are unchanged), and the images come

@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             from diffplat.models.tiny import write_tiny_model
 
             images = None
+            if args.decoder_steps and not args.fit_vae:
+                raise ConfigError("--decoder-steps: the decoder learns the images the VAE is fitted to; give --fit-vae")
+            if args.fit_steps < 0 or args.decoder_steps < 0:
+                raise ConfigError("--fit-steps and --decoder-steps count steps: 0 or more")
             if args.fit_vae:
                 from diffplat.data.images import readable_images
 
