@@ -206,16 +206,9 @@ def held_out_composites(bdd_dir: Path, size: tuple[int, int], count: int = 6) ->
     return turns[:count]
 
 
-def _demo_controlnet_scale() -> float:
-    """The conditioning scale the demo's ControlNet leg generates with: measured as it is used."""
-    from diffplat.config import load_config
-    from diffplat.demo import demo_config_path
-
-    return load_config(demo_config_path("demo_controlnet.yaml")).generate.controlnet.conditioning_scale
-
-
-def measure_demo(out: Path) -> dict:
-    """Every measure of a finished demo in `out`; the pictures go to out/quality/."""
+def measure_demo(out: Path, controlnet_scale: float = 1.0) -> dict:
+    """Every measure of a finished demo in `out`; the pictures go to out/quality/. The ControlNet
+    is measured at `controlnet_scale`, the conditioning scale its leg generated with."""
     from diffplat.models.lora import adapter_info
 
     pictures = out / "quality"
@@ -228,7 +221,7 @@ def measure_demo(out: Path) -> dict:
         "prompts": prompts,
         "lora": lora_quality(out / "base-model", out / "adapters" / "lora", out / "data-night" / "shards", pictures),
         "controlnet": controlnet_quality(out / "base-model", out / "adapters" / "controlnet", maps[:6], pictures,
-                                         _demo_controlnet_scale()),  # fmt: skip
+                                         controlnet_scale),  # fmt: skip
         "ic_lora": ic_lora_quality(out / "base-model-inpaint", out / "adapters" / "ic_lora",
                                    held_out_composites(out / "bdd-val", ic_size, count=9), pictures),  # fmt: skip
         "evaluate": detector_quality(out / "evaluation" / "report.json"),
