@@ -25,6 +25,14 @@ settle_on_one_machine()
 # two test processes share 2 cores (make test runs pytest -n 2): Ray Train's 60 s for a worker group
 # to start is for an idle cluster
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+# ... and torch's threads: a test process (and what it starts) takes its share of the cores. Two
+# processes of two threads each on 2 cores stall each other at every op (a tiny VAE's training
+# steps, two processes at once: 63 each with two threads, 205 with one), and in-process torch
+# tests ran 1.4x longer (203 s against 145 s for the 61 tests of test_tiny_model, _objectives,
+# _gpu_bench, _gpu_generate_bench, _export, _quality, _ic_lora, _flux, _controlnet with -n 2).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # a test process of pytest -n N (not the controller)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def pytest_configure(config):

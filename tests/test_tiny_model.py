@@ -120,6 +120,28 @@ def test_tiny_model_flags_that_cannot_work_are_named(tmp_path, flags, named):
     assert run.returncode == 2 and named in run.stderr and not (tmp_path / "out").exists(), run.stderr
 
 
+def test_the_vae_fit_is_the_same_whatever_threads_its_caller_has(bdd_dir):
+    """The fit pins torch's threads (FIT_THREADS): a 1-thread test process and a many-core laptop
+    fit the VAE the demo's adapters were measured on (the threads' count changes each op's sums, and
+    with them every model trained on the latents), and the caller's count is given back."""
+    from diffplat.data.images import readable_images
+    from diffplat.models.tiny import build_tiny_pipeline, fit_vae
+
+    images = readable_images(bdd_dir / "images")[0]
+    before = torch.get_num_threads()
+    fitted = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            vae = build_tiny_pipeline("sdxl").vae
+            fit_vae(vae, images, steps=6, decoder_steps=4)
+            assert torch.get_num_threads() == threads
+            fitted.append([p.detach().clone() for p in vae.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*fitted))
+
+
 def test_sharpening_the_decoder_keeps_every_latent_and_draws_closer(bdd_dir):
     """The decoder's own steps (the demo's sharper pictures): the encoder's latents are exactly
     the ones the whole fit made (the models trained on them are unchanged), and the images come

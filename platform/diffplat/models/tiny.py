@@ -12,6 +12,7 @@ other module is tested on the same loading path a real model takes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -290,6 +291,25 @@ def build_tiny_pipeline(kind: TinyKind = "sdxl", seed: int = 0, whole_words: boo
     raise ValueError(f"unknown tiny model kind {kind!r}: use one of {', '.join(TINY_KINDS)}")
 
 
+# The threads of a VAE fit, whatever the machine has: threads split each op's sums, so their number
+# changes the fitted weights' last bits, and every model trained on its latents after them. Measured
+# on the demo: fitted with 1 thread in place of 2, its In-Context LoRA's measure went 46 -> 92 (base
+# 121), its ControlNet's 0.83 -> 0.71 (base 0.58). With 2 on every machine (an 8-core laptop, a
+# 1-thread test process), `make demo` trains what it was measured training (on another instruction
+# set the last bits can still differ).
+FIT_THREADS = 2
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 300, seed: int = 0,
             decoder_steps: int = 0) -> dict:
     """Train a tiny VAE to reconstruct `images` (PIL, resized to `size`, width height), then set
@@ -303,42 +323,44 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
     52 off, PSNR 20 dB), 250 at lr 3e-3 keep it (6 off, 23.5 dB).
     Then `decoder_steps` of the decoder alone (see sharpen_decoder): the latents stay exactly
     what the whole fit made them, the pictures decoded from them get sharper.
+    The fit runs on FIT_THREADS threads on any machine (see there).
     Returns the reconstruction PSNR (dB) on the images and the seconds taken."""
     import time
 
     import numpy as np
 
     start = time.perf_counter()
-    pixels = torch.tensor(np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images]))
-    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-    generator = torch.Generator().manual_seed(seed)
-    quant = getattr(vae, "quant_conv", None)
-    if quant is not None:  # a narrow posterior to start from (std 0.02), see the docstring
+    with _torch_threads(FIT_THREADS):
+        pixels = torch.tensor(np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images]))
+        pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+        generator = torch.Generator().manual_seed(seed)
+        quant = getattr(vae, "quant_conv", None)
+        if quant is not None:  # a narrow posterior to start from (std 0.02), see the docstring
+            with torch.no_grad():
+                quant.weight[quant.out_channels // 2 :].zero_()
+                quant.bias[quant.out_channels // 2 :].fill_(-8.0)
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+        vae.train()
+        for _ in range(steps):
+            batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
+            posterior = vae.encode(batch).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator)).sample
+            # a touch of KL keeps the latent space smooth enough to sample from
+            loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        vae.eval()
+        if decoder_steps:
+            sharpen_decoder(vae, pixels, decoder_steps, seed)
         with torch.no_grad():
-            quant.weight[quant.out_channels // 2 :].zero_()
-            quant.bias[quant.out_channels // 2 :].fill_(-8.0)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
-    vae.train()
-    for _ in range(steps):
-        batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        # a touch of KL keeps the latent space smooth enough to sample from
-        loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    vae.eval()
-    if decoder_steps:
-        sharpen_decoder(vae, pixels, decoder_steps, seed)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mode()
-        error = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item()
-    if getattr(vae.config, "shift_factor", None) is not None:  # FLUX's VAE: centred, then scaled
-        vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
-    else:
-        vae.register_to_config(scaling_factor=float(1 / latents.std()))
-    return {"psnr": 10 * float(np.log10(4 / error)), "seconds": time.perf_counter() - start}
+            latents = vae.encode(pixels).latent_dist.mode()
+            error = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item()
+        if getattr(vae.config, "shift_factor", None) is not None:  # FLUX's VAE: centred, then scaled
+            vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
+        else:
+            vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        return {"psnr": 10 * float(np.log10(4 / error)), "seconds": time.perf_counter() - start}
 
 
 def sharpen_decoder(vae, pixels, steps: int, seed: int = 0, whole_steps: int = 50) -> None:
