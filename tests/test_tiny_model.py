@@ -125,20 +125,16 @@ def test_the_vae_fit_is_the_same_whatever_threads_its_caller_has(bdd_dir):
     fit the VAE the demo's adapters were measured on (the threads' count changes each op's sums, and
     with them every model trained on the latents), and the caller's count is given back."""
     from diffplat.data.images import readable_images
-    from diffplat.models.tiny import build_tiny_pipeline, fit_vae
+    from diffplat.models.tiny import _torch_threads, build_tiny_pipeline, fit_vae
 
     images = readable_images(bdd_dir / "images")[0]
-    before = torch.get_num_threads()
     fitted = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 3):
+        with _torch_threads(threads):  # the caller's
             vae = build_tiny_pipeline("sdxl").vae
             fit_vae(vae, images, steps=6, decoder_steps=4)
             assert torch.get_num_threads() == threads
-            fitted.append([p.detach().clone() for p in vae.parameters()])
-    finally:
-        torch.set_num_threads(before)
+        fitted.append([p.detach().clone() for p in vae.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*fitted))
 
 

@@ -67,8 +67,8 @@ def run_demo(output: str | Path, overrides: list[str] | None = None) -> dict[str
                 if leg == "pretrain":  # the In-Context LoRA leg's base: 9 input channels, the new 5 at zero
                     inpainting_variant(str(out / "base-model"), out / "base-model-inpaint")
     start = time.perf_counter()
-    controlnet = configs["controlnet"].generate  # measured at the scale it generated with (overrides included)
-    measures = demo_quality.measure_demo(out, controlnet.controlnet.conditioning_scale if controlnet else 1.0)
+    generated = configs["controlnet"].generate  # measured at the scale it generated with (overrides included)
+    measures = demo_quality.measure_demo(out, generated.controlnet.conditioning_scale if generated else 1.0)
     demo_quality.write_quality(out, measures)
     first = results["pretrain"]
     demo_quality.log_quality(out, measures, first.tracking_uri, _experiment_id(first))

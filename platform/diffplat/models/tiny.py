@@ -302,6 +302,7 @@ FIT_THREADS = 2
 
 @contextlib.contextmanager
 def _torch_threads(count: int):
+    """torch's threads set to `count` for a block (or, as a decorator, each call), then given back."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -310,6 +311,7 @@ def _torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+@_torch_threads(FIT_THREADS)
 def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 300, seed: int = 0,
             decoder_steps: int = 0) -> dict:
     """Train a tiny VAE to reconstruct `images` (PIL, resized to `size`, width height), then set
@@ -330,37 +332,36 @@ def fit_vae(vae, images: list, size: tuple[int, int] = (128, 64), steps: int = 3
     import numpy as np
 
     start = time.perf_counter()
-    with _torch_threads(FIT_THREADS):
-        pixels = torch.tensor(np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images]))
-        pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-        generator = torch.Generator().manual_seed(seed)
-        quant = getattr(vae, "quant_conv", None)
-        if quant is not None:  # a narrow posterior to start from (std 0.02), see the docstring
-            with torch.no_grad():
-                quant.weight[quant.out_channels // 2 :].zero_()
-                quant.bias[quant.out_channels // 2 :].fill_(-8.0)
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
-        vae.train()
-        for _ in range(steps):
-            batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
-            posterior = vae.encode(batch).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator)).sample
-            # a touch of KL keeps the latent space smooth enough to sample from
-            loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        vae.eval()
-        if decoder_steps:
-            sharpen_decoder(vae, pixels, decoder_steps, seed)
+    pixels = torch.tensor(np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images]))
+    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    generator = torch.Generator().manual_seed(seed)
+    quant = getattr(vae, "quant_conv", None)
+    if quant is not None:  # a narrow posterior to start from (std 0.02), see the docstring
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode()
-            error = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item()
-        if getattr(vae.config, "shift_factor", None) is not None:  # FLUX's VAE: centred, then scaled
-            vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
-        else:
-            vae.register_to_config(scaling_factor=float(1 / latents.std()))
-        return {"psnr": 10 * float(np.log10(4 / error)), "seconds": time.perf_counter() - start}
+            quant.weight[quant.out_channels // 2 :].zero_()
+            quant.bias[quant.out_channels // 2 :].fill_(-8.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    vae.train()
+    for _ in range(steps):
+        batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        # a touch of KL keeps the latent space smooth enough to sample from
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    if decoder_steps:
+        sharpen_decoder(vae, pixels, decoder_steps, seed)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mode()
+        error = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), pixels).item()
+    if getattr(vae.config, "shift_factor", None) is not None:  # FLUX's VAE: centred, then scaled
+        vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
+    else:
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return {"psnr": 10 * float(np.log10(4 / error)), "seconds": time.perf_counter() - start}
 
 
 def sharpen_decoder(vae, pixels, steps: int, seed: int = 0, whole_steps: int = 50) -> None:
